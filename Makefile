@@ -1,0 +1,37 @@
+# Everything runs in a virtual environment in .venv, created on first use and reused after.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch; on a CUDA machine override it, e.g. `make test TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo demo-core test lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: demo-core
+
+demo-core: $(STAMP)
+	$(PY) demo/core.py
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests demo
+	$(PY) -m ruff format --check src tests demo
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests demo
+	$(PY) -m ruff format --check src tests demo
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests demo
+	$(PY) -m ruff check --fix src tests demo
+
+clean:
+	rm -rf $(VENV) demo-out build *.egg-info src/*.egg-info

@@ -1,0 +1,48 @@
+"""netloader: model weights peer-to-peer, from a running process to a starting one.
+
+The core works with plain PyTorch::
+
+    server = netloader.Server(tensors, netloader.Identity("my-model")).start()
+    result = netloader.pull([server.address], netloader.Identity("my-model"), into=my_tensors)
+
+The vLLM model-loader plugin (``--load-format netloader``) is a thin layer on top of this.
+"""
+
+from netloader.client import PullResult, info, pull
+from netloader.errors import (
+    AllSourcesFailed,
+    ConfigError,
+    IntegrityError,
+    NetloaderError,
+    PeerClosed,
+    ProtocolError,
+    PullError,
+    Refused,
+    SourceUnreachable,
+    TransferTimeout,
+)
+from netloader.identity import Identity
+from netloader.manifest import Manifest, TensorSpec
+from netloader.server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllSourcesFailed",
+    "ConfigError",
+    "Identity",
+    "IntegrityError",
+    "Manifest",
+    "NetloaderError",
+    "PeerClosed",
+    "ProtocolError",
+    "PullError",
+    "PullResult",
+    "Refused",
+    "Server",
+    "SourceUnreachable",
+    "TensorSpec",
+    "TransferTimeout",
+    "info",
+    "pull",
+]

@@ -1,0 +1,232 @@
+"""The ``netloader`` command line: serve a checkpoint, pull from a server, inspect a server.
+
+Exit status: 0 on success, 1 when the operation failed (one line on stderr names the cause),
+2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from netloader import auth
+from netloader.checkpoint import load_checkpoint, save_atomic
+from netloader.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_STREAMS,
+    info,
+    pull,
+)
+from netloader.errors import ConfigError, NetloaderError
+from netloader.identity import Identity
+from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT as SERVER_HANDSHAKE
+from netloader.server import DEFAULT_IDLE_TIMEOUT as SERVER_IDLE
+from netloader.server import (
+    DEFAULT_MAX_CLIENTS,
+    Server,
+)
+
+log = logging.getLogger("netloader.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = (
+        logging.DEBUG
+        if args.verbose
+        else (logging.INFO if args.command == "serve" else logging.ERROR)
+    )
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"netloader {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NetloaderError as exc:
+        print(f"netloader {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"netloader {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netloader", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="serve a safetensors checkpoint as rank 0 until SIGINT/SIGTERM"
+    )
+    serve.add_argument("path", help="a .safetensors file or a folder of them")
+    serve.add_argument("--listen-port", type=int, default=None, help="port (default: a free one)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--model", default=None, help="model name clients must ask for (default: the folder name)"
+    )
+    serve.add_argument(
+        "--output-prefix", default=None, help="write the address to PREFIX0.txt once listening"
+    )
+    serve.add_argument(
+        "--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="concurrent transfers"
+    )
+    serve.add_argument("--handshake-timeout", type=float, default=SERVER_HANDSHAKE, help="seconds")
+    serve.add_argument(
+        "--idle-timeout", type=float, default=SERVER_IDLE, help="seconds without progress"
+    )
+    _token_arg(serve)
+    serve.set_defaults(run=_serve)
+
+    pull_ = sub.add_parser("pull", help="pull every tensor from a server")
+    pull_.add_argument("source", help="HOST:PORT")
+    pull_.add_argument(
+        "--out", default=None, help="write DIR/model.safetensors (default: only measure)"
+    )
+    pull_.add_argument("--model", default=None, help="refuse a server that serves another model")
+    pull_.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="parallel TCP streams")
+    pull_.add_argument(
+        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
+    )
+    pull_.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds")
+    _token_arg(pull_)
+    pull_.set_defaults(run=_pull)
+
+    info_ = sub.add_parser("info", help="print what a server serves, as JSON; no weights move")
+    info_.add_argument("source", help="HOST:PORT")
+    info_.add_argument(
+        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
+    )
+    _token_arg(info_)
+    info_.set_defaults(run=_info)
+    return parser
+
+
+def _token_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help=f"shared secret for authentication (or set {auth.TOKEN_ENV})",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    token = auth.load_token(args.token_file)
+    path = Path(args.path)
+    if args.listen_port is not None and not 1024 <= args.listen_port <= 65535:
+        raise ConfigError(f"--listen-port {args.listen_port} is outside 1024..65535")
+    model = args.model or (path.resolve().parent.name if path.is_file() else path.resolve().name)
+    tensors = load_checkpoint(path)
+    server = Server(
+        tensors,
+        Identity(model),
+        host=args.host,
+        listen_port=args.listen_port,
+        output_prefix=args.output_prefix,
+        token=token,
+        max_clients=args.max_clients,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"listening on {server.address}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.close()
+    log.info("stopped after serving %d transfer(s)", server.served)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    reply = info(
+        args.source, token=auth.load_token(args.token_file), connect_timeout=args.connect_timeout
+    )
+    ident = reply.identity
+    print(
+        json.dumps(
+            {
+                "source": args.source,
+                "model": ident.model,
+                "layout": {
+                    "world_size": ident.world_size,
+                    "tensor_parallel_size": ident.tensor_parallel_size,
+                    "pipeline_parallel_size": ident.pipeline_parallel_size,
+                    "rank": ident.rank,
+                },
+                "protocol": reply.protocol,
+                "tensors": reply.tensors,
+                "total_bytes": reply.total_bytes,
+            }
+        )
+    )
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    token = auth.load_token(args.token_file)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")
+    served = info(args.source, token=token, connect_timeout=args.connect_timeout).identity
+    identity = Identity(
+        args.model or served.model,
+        served.rank,
+        served.world_size,
+        served.tensor_parallel_size,
+        served.pipeline_parallel_size,
+    )
+    bar = tqdm(
+        unit="B", unit_scale=True, unit_divisor=1024, disable=not sys.stderr.isatty(), desc="pull"
+    )
+    created = out_dir is not None and not out_dir.exists()
+    try:
+        result = pull(
+            args.source,
+            identity,
+            token=token,
+            streams=args.streams,
+            connect_timeout=args.connect_timeout,
+            idle_timeout=args.idle_timeout,
+            progress=bar.update,
+            on_accept=lambda a: setattr(bar, "total", a.manifest.total_bytes),
+        )
+        bar.close()
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            path = save_atomic(result.tensors, out_dir / "model.safetensors")
+            log.info("wrote %s in %.2f s", path, time.perf_counter() - start)
+    except BaseException:
+        bar.close()
+        if created and out_dir is not None and out_dir.is_dir() and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir)
+        raise
+    where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
+    print(
+        f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
+        f"from {result.source} over {result.transport} x{result.streams}{where}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The control protocol: versioned, length-prefixed, size-bounded JSON messages.
+
+A frame is ``b"NLDR"`` + a 4-byte big-endian body length + a UTF-8 JSON object with a ``kind``.
+The body is read only as fast as it arrives and never beyond ``max_bytes``, so a hostile length
+prefix costs nothing. Each message kind is a dataclass whose ``from_json`` checks every field.
+
+A conversation (the server speaks first):
+
+    server: Hello(protocol, nonce, auth)
+    client: PullRequest | InfoRequest            on a control connection, or
+            StreamAttach                         as the first frame of a data connection
+    server: Accept | Refuse | InfoReply
+    ... weights move on the data plane ...
+    client: Done
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from netloader.errors import ProtocolError
+from netloader.identity import Identity
+from netloader.manifest import Manifest
+
+PROTOCOL_VERSION = 1
+MAGIC = b"NLDR"
+HEADER = struct.Struct("!4sI")
+MAX_FRAME = 64 << 20  # a manifest of ~400k tensors fits
+SMALL_FRAME = 64 << 10  # anything but a manifest-bearing message
+MAX_STREAMS = 64
+MAX_TEXT = 4096
+
+
+# --- field checks -------------------------------------------------------------------------
+
+
+def _field(obj: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    value = obj.get(key)
+    # bool is an int subclass in Python; JSON true must not pass for a number.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ProtocolError(f"field {key!r} must be {_names(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+def _text(obj: dict, key: str, limit: int = MAX_TEXT) -> str:
+    value = _field(obj, key, str)
+    if len(value) > limit:
+        raise ProtocolError(f"field {key!r} is longer than {limit} characters")
+    return value
+
+
+def _int(obj: dict, key: str, lo: int, hi: int) -> int:
+    value = _field(obj, key, int)
+    if not lo <= value <= hi:
+        raise ProtocolError(f"field {key!r} = {value} is outside {lo}..{hi}")
+    return value
+
+
+def _hex(obj: dict, key: str, nbytes: int) -> str:
+    value = _text(obj, key, 2 * nbytes)
+    try:
+        if len(bytes.fromhex(value)) != nbytes:
+            raise ValueError
+    except ValueError:
+        raise ProtocolError(f"field {key!r} must be {nbytes} bytes of hex") from None
+    return value
+
+
+def _optional_hex(obj: dict, key: str, nbytes: int) -> str | None:
+    return None if obj.get(key) is None else _hex(obj, key, nbytes)
+
+
+# --- messages -----------------------------------------------------------------------------
+
+NONCE_BYTES = 16
+MAC_BYTES = 32
+SESSION_BYTES = 16
+
+
+class Message:
+    kind: ClassVar[str]
+    limit: ClassVar[int] = SMALL_FRAME
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
+
+
+@dataclass
+class Hello(Message):
+    """Server -> client on every new connection."""
+
+    kind: ClassVar[str] = "hello"
+    protocol: int
+    nonce: str
+    auth: bool
+
+    @classmethod
+    def from_json(cls, o: dict) -> Hello:
+        return cls(
+            _int(o, "protocol", 0, 1 << 31), _hex(o, "nonce", NONCE_BYTES), _field(o, "auth", bool)
+        )
+
+
+@dataclass
+class PullRequest(Message):
+    """Client -> server: what the client wants, and (optionally) the manifest it must match."""
+
+    kind: ClassVar[str] = "pull"
+    limit: ClassVar[int] = MAX_FRAME
+    protocol: int
+    identity: Identity
+    manifest: Manifest | None
+    transports: list[str]
+    streams: int
+    nonce: str
+    mac: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "protocol": self.protocol,
+            "identity": self.identity.to_json(),
+            "manifest": None if self.manifest is None else self.manifest.to_json(),
+            "transports": self.transports,
+            "streams": self.streams,
+            "nonce": self.nonce,
+            "mac": self.mac,
+        }
+
+    @classmethod
+    def from_json(cls, o: dict) -> PullRequest:
+        transports = _field(o, "transports", list)
+        if not 0 < len(transports) <= 8 or not all(
+            isinstance(t, str) and 0 < len(t) <= 32 for t in transports
+        ):
+            raise ProtocolError("field 'transports' must list 1..8 transport names")
+        return cls(
+            protocol=_int(o, "protocol", 0, 1 << 31),
+            identity=Identity.from_json(o.get("identity")),
+            manifest=None if o.get("manifest") is None else Manifest.from_json(o["manifest"]),
+            transports=transports,
+            streams=_int(o, "streams", 1, MAX_STREAMS),
+            nonce=_hex(o, "nonce", NONCE_BYTES),
+            mac=_optional_hex(o, "mac", MAC_BYTES),
+        )
+
+
+@dataclass
+class InfoRequest(Message):
+    kind: ClassVar[str] = "info"
+    protocol: int
+    nonce: str
+    mac: str | None = None
+
+    @classmethod
+    def from_json(cls, o: dict) -> InfoRequest:
+        return cls(
+            _int(o, "protocol", 0, 1 << 31),
+            _hex(o, "nonce", NONCE_BYTES),
+            _optional_hex(o, "mac", MAC_BYTES),
+        )
+
+
+@dataclass
+class StreamAttach(Message):
+    """First frame of a data connection: which accepted session it carries, and its index."""
+
+    kind: ClassVar[str] = "stream"
+    session: str
+    index: int
+
+    @classmethod
+    def from_json(cls, o: dict) -> StreamAttach:
+        return cls(_hex(o, "session", SESSION_BYTES), _int(o, "index", 0, MAX_STREAMS - 1))
+
+
+@dataclass
+class Accept(Message):
+    """Server -> client: the request matches; here is the manifest and how the bytes will move."""
+
+    kind: ClassVar[str] = "accept"
+    limit: ClassVar[int] = MAX_FRAME
+    session: str
+    identity: Identity
+    manifest: Manifest
+    aliases: dict[int, int]
+    transport: str
+    streams: int
+    chunk_size: int
+    digests: list[int] | None
+    offer: dict[str, Any] = field(default_factory=dict)
+    mac: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "session": self.session,
+            "identity": self.identity.to_json(),
+            "manifest": self.manifest.to_json(),
+            "aliases": [[k, v] for k, v in self.aliases.items()],
+            "transport": self.transport,
+            "streams": self.streams,
+            "chunk_size": self.chunk_size,
+            "digests": self.digests,
+            "offer": self.offer,
+            "mac": self.mac,
+        }
+
+    @classmethod
+    def from_json(cls, o: dict) -> Accept:
+        from netloader.plan import MAX_CHUNK, MIN_CHUNK
+
+        manifest = Manifest.from_json(o.get("manifest"))
+        n = len(manifest)
+        aliases = {}
+        for pair in _field(o, "aliases", list):
+            if not (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(type(x) is int for x in pair)
+                and 0 <= pair[1] < pair[0] < n
+            ):
+                raise ProtocolError("each alias must be [index, earlier index] within the manifest")
+            aliases[pair[0]] = pair[1]
+        digests = o.get("digests")
+        if digests is not None and not (
+            isinstance(digests, list) and all(type(d) is int and 0 <= d < 1 << 64 for d in digests)
+        ):
+            raise ProtocolError("field 'digests' must be a list of 64-bit unsigned ints")
+        offer = _field(o, "offer", dict)
+        if len(json.dumps(offer)) > MAX_TEXT:
+            raise ProtocolError("field 'offer' is too large")
+        return cls(
+            session=_hex(o, "session", SESSION_BYTES),
+            identity=Identity.from_json(o.get("identity")),
+            manifest=manifest,
+            aliases=aliases,
+            transport=_text(o, "transport", 32),
+            streams=_int(o, "streams", 1, MAX_STREAMS),
+            chunk_size=_int(o, "chunk_size", MIN_CHUNK, MAX_CHUNK),
+            digests=digests,
+            offer=offer,
+            mac=_optional_hex(o, "mac", MAC_BYTES),
+        )
+
+
+@dataclass
+class Refuse(Message):
+    """Server -> client: no, and why. ``code`` is one of the REFUSAL codes."""
+
+    kind: ClassVar[str] = "refuse"
+    code: str
+    reason: str
+
+    @classmethod
+    def from_json(cls, o: dict) -> Refuse:
+        return cls(_text(o, "code", 64), _text(o, "reason"))
+
+
+@dataclass
+class InfoReply(Message):
+    kind: ClassVar[str] = "info_reply"
+    protocol: int
+    identity: Identity
+    tensors: int
+    total_bytes: int
+    mac: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "identity": self.identity.to_json()}
+
+    @classmethod
+    def from_json(cls, o: dict) -> InfoReply:
+        return cls(
+            _int(o, "protocol", 0, 1 << 31),
+            Identity.from_json(o.get("identity")),
+            _int(o, "tensors", 0, 1 << 40),
+            _int(o, "total_bytes", 0, 1 << 62),
+            _optional_hex(o, "mac", MAC_BYTES),
+        )
+
+
+@dataclass
+class Done(Message):
+    """Client -> server after the data plane finished, successfully or not."""
+
+    kind: ClassVar[str] = "done"
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, o: dict) -> Done:
+        return cls(_field(o, "ok", bool), _text(o, "reason"))
+
+
+MESSAGES: dict[str, type[Message]] = {
+    m.kind: m
+    for m in (Hello, PullRequest, InfoRequest, StreamAttach, Accept, Refuse, InfoReply, Done)
+}
+
+
+def encode(msg: Message) -> bytes:
+    body = json.dumps(msg.to_json(), separators=(",", ":")).encode()
+    if len(body) > msg.limit:
+        raise ProtocolError(f"{msg.kind} message of {len(body)} bytes exceeds {msg.limit}")
+    return HEADER.pack(MAGIC, len(body)) + body
+
+
+def decode(body: bytes | bytearray, expected: tuple[type[Message], ...]) -> Message:
+    """Decode one frame body that must be one of the ``expected`` message kinds."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError("frame body is not valid UTF-8 JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame body must be a JSON object")
+    kind = obj.get("kind")
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {str(kind)[:40]!r}")
+    if cls not in expected:
+        wanted = " or ".join(e.kind for e in expected)
+        raise ProtocolError(f"unexpected {kind!r} message (expected {wanted})")
+    if len(body) > cls.limit:
+        raise ProtocolError(f"{kind} message of {len(body)} bytes exceeds {cls.limit}")
+    return cls.from_json(obj)  # type: ignore[attr-defined]
+
+
+# --- framing over a socket ----------------------------------------------------------------
+
+
+class Channel:
+    """Sends and receives frames on a blocking socket, with an idle bound and a deadline.
+
+    ``idle`` bounds each wait for the peer; ``deadline`` (a ``time.monotonic()`` value) bounds a
+    whole exchange, so a peer that trickles one byte at a time cannot hold a slot forever.
+    """
+
+    def __init__(self, sock: socket.socket, idle: float):
+        self.sock = sock
+        self.idle = idle
+
+    def send(self, msg: Message, deadline: float | None = None) -> None:
+        self.sock.settimeout(self._wait(deadline))
+        self.sock.sendall(encode(msg))
+
+    def recv(self, *expected: type[Message], deadline: float | None = None) -> Message:
+        limit = max(m.limit for m in expected)
+        header = self.recv_exact(HEADER.size, deadline)
+        magic, length = HEADER.unpack(header)
+        if magic != MAGIC:
+            raise ProtocolError("not a netloader peer (bad frame magic)")
+        if length > limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
+        return decode(self.recv_exact(length, deadline), expected)
+
+    def recv_exact(self, n: int, deadline: float | None = None) -> bytearray:
+        """Read exactly ``n`` bytes, growing the buffer only as bytes arrive."""
+        buf = bytearray()
+        while len(buf) < n:
+            self.sock.settimeout(self._wait(deadline))
+            piece = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not piece:
+                raise ConnectionResetError("peer closed the connection")
+            buf += piece
+        return buf
+
+    def _wait(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.idle
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        return min(self.idle, left)

@@ -1,0 +1,154 @@
+"""The data-plane interface: a transport moves the chunks of one accepted pull.
+
+The control connection (``protocol``) decides *what* moves; a transport decides *how*. Each
+transport is one module with one class; the server calls ``offer`` then ``send`` in the
+session's thread, the client calls ``receive``. Both sides see the same ``Plan``.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from netloader.digest import digest
+from netloader.errors import IntegrityError, NetloaderError
+from netloader.plan import Plan
+from netloader.tensors import Snapshot, host_view
+
+
+class TensorsChanged(NetloaderError):
+    """A served tensor no longer holds the bytes it had at capture; sending it would be wrong."""
+
+
+@dataclass
+class Outgoing:
+    """The server side of one transfer."""
+
+    snapshot: Snapshot
+    session: str
+    streams: int
+    host: str
+    idle: float
+    #: Data connections the listener attached to this session (TCP transport).
+    sockets: queue.Queue[socket.socket] = field(default_factory=queue.Queue)
+    #: Every data connection ever attached, so the server can close them all afterwards.
+    attached: list[socket.socket] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Re-hash each chunk just before sending it and refuse if it changed since capture.
+    verify: bool = True
+
+    def check(self, index: int, views: list[memoryview]) -> None:
+        expected = self.snapshot.digests
+        if self.verify and expected is not None and digest(views) != expected[index]:
+            names = sorted(
+                {
+                    self.snapshot.manifest.specs[p.slot].name
+                    for p in self.snapshot.plan.pieces(index)
+                }
+            )
+            raise TensorsChanged(f"tensor(s) changed since the server captured them: {names[:3]}")
+
+
+@dataclass
+class Incoming:
+    """The client side of one transfer: where each slot's bytes must land."""
+
+    host: str
+    port: int
+    session: str
+    streams: int
+    plan: Plan
+    #: One flat uint8 destination per slot (an empty tensor for aliases), any device.
+    buffers: list[torch.Tensor]
+    digests: list[int] | None
+    idle: float
+    offer: dict[str, Any]
+    progress: Callable[[int], None] | None = None
+    #: Set once the first byte was written into a destination.
+    wrote: bool = False
+
+    def verify(self, index: int, views: list[memoryview]) -> None:
+        if self.digests is not None and digest(views) != self.digests[index]:
+            start, stop = self.plan.chunk_range(index)
+            raise IntegrityError(
+                f"chunk {index} (bytes {start}..{stop}) does not match the server's digest",
+                partial=True,
+            )
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress(nbytes)
+
+
+class Transport(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, device: torch.device) -> bool:
+        """Whether tensors on ``device`` can travel on this transport from this process."""
+
+    # --- server side ---
+    def offer(self, out: Outgoing) -> dict[str, Any]:
+        """Extra facts the client needs (sent in Accept), e.g. a rendezvous port."""
+        return {}
+
+    @abstractmethod
+    def send(self, out: Outgoing) -> None:
+        """Send every chunk of ``out``; raises on failure. Runs in the session's thread."""
+
+    # --- client side ---
+    @abstractmethod
+    def receive(self, inc: Incoming) -> None:
+        """Receive every chunk into ``inc.buffers``; raises a PullError on failure."""
+
+
+class Staging:
+    """Host views of a chunk's pieces, through a bounce buffer for tensors not in host memory.
+
+    Host tensors are read and written in place; device pieces are copied through one reusable
+    chunk-sized host buffer (pinned when CUDA is present), so no full-size host copy exists.
+    """
+
+    def __init__(self, plan: Plan, buffers: list[torch.Tensor]):
+        self.plan = plan
+        self.buffers = buffers
+        self.bounce: torch.Tensor | None = None
+
+    def _bounce(self) -> torch.Tensor:
+        if self.bounce is None:
+            pin = torch.cuda.is_available()
+            self.bounce = torch.empty(self.plan.chunk_size, dtype=torch.uint8, pin_memory=pin)
+        return self.bounce
+
+    def views(self, index: int, *, load: bool) -> list[memoryview]:
+        """Views for chunk ``index``; ``load`` fills bounce space from the device first."""
+        out = []
+        offset = 0
+        for slot, start, stop in self.plan.pieces(index):
+            src = self.buffers[slot][start:stop]
+            if src.device.type == "cpu":
+                out.append(host_view(src))
+            else:
+                part = self._bounce()[offset : offset + stop - start]
+                if load:
+                    part.copy_(src)
+                out.append(host_view(part))
+            offset += stop - start
+        return out
+
+    def store(self, index: int) -> None:
+        """After a receive: copy bounce space of chunk ``index`` to its device pieces."""
+        offset = 0
+        for slot, start, stop in self.plan.pieces(index):
+            dst = self.buffers[slot][start:stop]
+            if dst.device.type != "cpu":
+                dst.copy_(self._bounce()[offset : offset + stop - start])
+            offset += stop - start

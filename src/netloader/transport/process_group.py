@@ -1,0 +1,162 @@
+"""Weights over a torch.distributed process group created only for this pair of processes.
+
+For device tensors: NCCL moves CUDA memory GPU to GPU and HCCL moves Ascend NPU memory, with no
+host copy. Rendezvous is kept apart from data movement, as in torch.distributed itself: the
+server opens a private ``TCPStore`` on a free port and names it in its Accept; both sides then
+build a two-rank backend object (server rank 0, client rank 1) on that store. The process's
+global default group is never touched, so this works inside a vLLM worker that has its own.
+
+Gloo is the same path for host tensors; the tests use it to run this module on a CPU machine.
+Chunks travel in plan order; a chunk made of several small tensors is packed into one buffer so
+that the number of messages stays small.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from netloader.errors import PeerClosed, ProtocolError, TransferTimeout
+from netloader.transport.base import Incoming, Outgoing, Staging, Transport
+
+SERVER_RANK, CLIENT_RANK = 0, 1
+
+
+class ProcessGroupTransport(Transport):
+    device_type: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.store: dist.TCPStore | None = None
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        return device.type == cls.device_type and dist.is_available() and cls.backend_available()
+
+    @classmethod
+    def backend_available(cls) -> bool:
+        return True
+
+    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+        raise NotImplementedError
+
+    # --- server ---------------------------------------------------------------------------
+
+    def offer(self, out: Outgoing) -> dict[str, Any]:
+        self.store = dist.TCPStore(
+            out.host, 0, 2, is_master=True, timeout=_delta(out.idle), wait_for_workers=False
+        )
+        return {"store_port": self.store.port}
+
+    def send(self, out: Outgoing) -> None:
+        assert self.store is not None, "offer() must run before send()"
+        plan = out.snapshot.plan
+        staging = Staging(plan, out.snapshot.buffers)
+        group = self._group(
+            dist.PrefixStore(out.session, self.store), SERVER_RANK, out.host, out.idle
+        )
+        try:
+            for index in range(plan.num_chunks):
+                if out.cancelled.is_set():
+                    return
+                if out.verify and out.snapshot.digests is not None:
+                    out.check(index, staging.views(index, load=True))
+                pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]
+                chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                group.send([chunk], CLIENT_RANK, 0).wait(_delta(out.idle))
+        finally:
+            del group
+            self.store = None
+
+    # --- client ---------------------------------------------------------------------------
+
+    def receive(self, inc: Incoming) -> None:
+        port = inc.offer.get("store_port")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ProtocolError("accept names no valid store_port for the process-group transport")
+        try:
+            store = dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle))
+            group = self._group(
+                dist.PrefixStore(inc.session, store), CLIENT_RANK, inc.host, inc.idle
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise PeerClosed(f"process-group rendezvous failed: {exc}") from None
+        plan = inc.plan
+        staging = Staging(plan, inc.buffers)
+        try:
+            for index in range(plan.num_chunks):
+                pieces = [inc.buffers[s][a:b] for s, a, b in plan.pieces(index)]
+                if len(pieces) == 1:
+                    chunk = pieces[0]
+                else:
+                    chunk = torch.empty(
+                        plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device
+                    )
+                inc.wrote = True
+                group.recv([chunk], SERVER_RANK, 0).wait(_delta(inc.idle))
+                if len(pieces) > 1:
+                    offset = 0
+                    for piece in pieces:
+                        piece.copy_(chunk[offset : offset + piece.numel()])
+                        offset += piece.numel()
+                if inc.digests is not None:
+                    inc.verify(index, staging.views(index, load=True))
+                inc.advance(plan.chunk_bytes(index))
+        except RuntimeError as exc:
+            text = str(exc)
+            if "timed out" in text.lower() or "timeout" in text.lower():
+                raise TransferTimeout(f"process group: {text}", partial=inc.wrote) from None
+            raise PeerClosed(f"process group: {text}", partial=inc.wrote) from None
+        finally:
+            del group
+
+
+class GlooTransport(ProcessGroupTransport):
+    name = "gloo"
+    device_type = "cpu"
+
+    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = _delta(timeout)
+        # Bind gloo to the peer-facing address, not whatever the hostname resolves to.
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+class NcclTransport(ProcessGroupTransport):
+    name = "nccl"
+    device_type = "cuda"
+
+    @classmethod
+    def backend_available(cls) -> bool:
+        return dist.is_nccl_available() and torch.cuda.is_available()
+
+    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = _delta(timeout)
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+
+
+class HcclTransport(ProcessGroupTransport):
+    """Ascend NPUs via torch_npu. Not exercised in this project's CI (no NPU here)."""
+
+    name = "hccl"
+    device_type = "npu"
+
+    @classmethod
+    def backend_available(cls) -> bool:
+        return importlib.util.find_spec("torch_npu") is not None
+
+    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+        from torch_npu._C._distributed_c10d import ProcessGroupHCCL  # type: ignore[import-not-found]
+
+        options = ProcessGroupHCCL.Options()
+        options._timeout = _delta(timeout)
+        return ProcessGroupHCCL(store, rank, 2, options)
+
+
+def _delta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)

@@ -1,0 +1,241 @@
+"""Weights over TCP: several parallel streams, vectored sends, reads straight into tensors.
+
+Every data stream is its own TCP connection to the server's one port; its first frame names the
+session. The server's stream threads take chunks from a shared counter (so a slow stream simply
+carries fewer chunks) and send each as an 8-byte header (the chunk index) followed by the
+chunk's bytes, gathered from the tensors with one ``sendmsg``. The client reads the header, then
+``recvmsg_into`` the destination tensors' own memory. Python never touches a weight byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+import torch
+
+from netloader.errors import (
+    IntegrityError,
+    PeerClosed,
+    ProtocolError,
+    PullError,
+    Refused,
+    TransferTimeout,
+)
+from netloader.protocol import Channel, Hello, Refuse, StreamAttach, encode
+from netloader.transport.base import Incoming, Outgoing, Staging, TensorsChanged, Transport
+
+CHUNK_HEADER = struct.Struct("!q")
+END = -1  # this stream carries no more chunks
+ERROR = -2  # a Refuse frame follows: the server stopped for a reason the client should know
+IOV_MAX = 512  # below the kernel's 1024 iovec limit
+SOCKET_BUFFER = 4 << 20
+
+
+class TcpTransport(Transport):
+    name = "tcp"
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        return True  # device tensors are staged through a chunk-sized host buffer
+
+    # --- server ---------------------------------------------------------------------------
+
+    def send(self, out: Outgoing) -> None:
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(out.streams):
+                try:
+                    socks.append(out.sockets.get(timeout=out.idle))
+                except queue.Empty:
+                    raise TimeoutError(
+                        f"client attached {len(socks)} of {out.streams} streams"
+                    ) from None
+            counter = itertools.count()
+            lock = threading.Lock()
+
+            def next_chunk() -> int | None:
+                with lock:
+                    index = next(counter)
+                return index if index < out.snapshot.plan.num_chunks else None
+
+            _run_streams(socks, lambda s: _send_stream(s, out, next_chunk), out.cancelled)
+        finally:
+            for s in socks:
+                _close(s)
+
+    # --- client ---------------------------------------------------------------------------
+
+    def receive(self, inc: Incoming) -> None:
+        socks: list[socket.socket] = []
+        cancelled = threading.Event()
+        seen = bytearray(inc.plan.num_chunks)
+        lock = threading.Lock()
+
+        def claim(index: int) -> None:
+            if not 0 <= index < inc.plan.num_chunks:
+                raise ProtocolError(f"server sent chunk {index} of {inc.plan.num_chunks}")
+            with lock:
+                if seen[index]:
+                    raise ProtocolError(f"server sent chunk {index} twice")
+                seen[index] = 1
+
+        try:
+            for index in range(inc.streams):
+                socks.append(_attach(inc, index))
+            _run_streams(socks, lambda s: _recv_stream(s, inc, claim), cancelled)
+        except PullError:
+            raise
+        except TimeoutError:
+            raise TransferTimeout(f"no data for {inc.idle:g} s", partial=inc.wrote) from None
+        except (ConnectionError, OSError) as exc:
+            raise PeerClosed(f"data connection lost: {exc}", partial=inc.wrote) from None
+        except ProtocolError as exc:
+            raise PullError(f"bad data from server: {exc}", partial=inc.wrote) from None
+        finally:
+            for s in socks:
+                _close(s)
+        missing = inc.plan.num_chunks - sum(seen)
+        if missing:
+            raise PeerClosed(
+                f"server ended the transfer with {missing} chunk(s) unsent", partial=inc.wrote
+            )
+
+
+# --- one stream ---------------------------------------------------------------------------
+
+
+def _send_stream(sock: socket.socket, out: Outgoing, next_chunk: Callable[[], int | None]) -> None:
+    staging = Staging(out.snapshot.plan, out.snapshot.buffers)
+    sock.settimeout(out.idle)
+    while (index := next_chunk()) is not None:
+        if out.cancelled.is_set():
+            return
+        views = staging.views(index, load=True)
+        try:
+            out.check(index, views)
+        except TensorsChanged as exc:
+            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse("changed", str(exc))))
+            raise
+        send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
+    sock.sendall(CHUNK_HEADER.pack(END))
+
+
+def _recv_stream(sock: socket.socket, inc: Incoming, claim: Callable[[int], None]) -> None:
+    staging = Staging(inc.plan, inc.buffers)
+    channel = Channel(sock, inc.idle)
+    while True:
+        (index,) = CHUNK_HEADER.unpack(channel.recv_exact(CHUNK_HEADER.size))
+        if index == END:
+            return
+        if index == ERROR:
+            refusal = channel.recv(Refuse)
+            assert isinstance(refusal, Refuse)
+            raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
+        claim(index)
+        views = staging.views(index, load=False)
+        inc.wrote = True
+        recv_buffers(sock, views)
+        inc.verify(index, views)
+        staging.store(index)
+        inc.advance(inc.plan.chunk_bytes(index))
+
+
+def _attach(inc: Incoming, index: int) -> socket.socket:
+    sock = socket.create_connection((inc.host, inc.port), timeout=inc.idle)
+    try:
+        tune(sock)
+        channel = Channel(sock, inc.idle)
+        channel.recv(Hello)
+        channel.send(StreamAttach(inc.session, index))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _run_streams(
+    socks: list[socket.socket], work: Callable[[socket.socket], None], cancelled: threading.Event
+) -> None:
+    """Run ``work`` on every socket in parallel; on the first failure stop all and re-raise it."""
+    errors: list[BaseException] = []
+
+    def run(sock: socket.socket) -> None:
+        try:
+            work(sock)
+        except BaseException as exc:
+            errors.append(exc)
+            cancelled.set()
+            for s in socks:  # unblock the other streams at once
+                _shutdown(s)
+
+    threads = [
+        threading.Thread(target=run, args=(s,), name="netloader-stream", daemon=True)
+        for s in socks[1:]
+    ]
+    for t in threads:
+        t.start()
+    if socks:
+        run(socks[0])
+    for t in threads:
+        t.join()
+    if errors:
+        # Prefer the error that explains the stop over the closures it caused in other streams.
+        for exc in errors:
+            if isinstance(exc, Refused | IntegrityError | TensorsChanged | ProtocolError):
+                raise exc
+        raise errors[0]
+
+
+# --- socket helpers -----------------------------------------------------------------------
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
+    """Send all ``bufs`` in order with vectored writes (the kernel gathers them: no copy)."""
+    i = 0
+    bufs = [b for b in bufs if len(b)]
+    while i < len(bufs):
+        sent = sock.sendmsg(bufs[i : i + IOV_MAX])
+        while sent:
+            if sent >= len(bufs[i]):
+                sent -= len(bufs[i])
+                i += 1
+            else:
+                bufs[i] = bufs[i][sent:]
+                sent = 0
+
+
+def recv_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
+    """Fill all ``bufs`` in order with vectored reads straight into their memory."""
+    i = 0
+    bufs = [b for b in bufs if len(b)]
+    while i < len(bufs):
+        got = sock.recvmsg_into(bufs[i : i + IOV_MAX])[0]
+        if got == 0:
+            raise ConnectionResetError("peer closed the data connection")
+        while got:
+            if got >= len(bufs[i]):
+                got -= len(bufs[i])
+                i += 1
+            else:
+                bufs[i] = bufs[i][got:]
+                got = 0
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close(sock: socket.socket) -> None:
+    _shutdown(sock)
+    sock.close()

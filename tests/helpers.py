@@ -1,0 +1,224 @@
+"""Shared test helpers: tensors covering every case, and a server in a real child process."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from netloader import Identity, Server
+
+DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Arbitrary bit patterns (NaNs and infinities included) so only byte equality can pass."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    numel = 1
+    for d in shape:
+        numel *= d
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), generator=gen, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def all_cases(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every dtype as a matrix, a 0-dim scalar, an empty tensor and a non-contiguous view, plus
+    tied tensors, slices sharing one storage and a tensor larger than several chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for dtype in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        out[f"{name}.matrix"] = random_tensor((37, 19), dtype, gen)
+        out[f"{name}.scalar"] = random_tensor((), dtype, gen)
+        out[f"{name}.empty"] = random_tensor((0, 5), dtype, gen)
+        out[f"{name}.transposed"] = random_tensor((11, 23), dtype, gen).t()
+    tied = random_tensor((64, 32), torch.bfloat16, gen)
+    out["embed.weight"] = tied
+    out["lm_head.weight"] = tied
+    fused = random_tensor((3, 128, 16), torch.float16, gen)
+    out["attn.q"], out["attn.k"], out["attn.v"] = fused[0], fused[1], fused[2]
+    out["big"] = random_tensor((3, 300_000), torch.float32, gen)  # 3.6 MB: many 64 KiB chunks
+    return out
+
+
+def byte_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(expected) or set(got) == set(expected)
+    bad = [n for n in expected if not byte_equal(expected[n], got[n])]
+    assert not bad, f"tensors differ: {bad}"
+
+
+def zeros_like_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Destinations shaped like ``tensors``; keeps non-contiguity so that path is exercised."""
+    out = {}
+    for name, t in tensors.items():
+        if not t.is_contiguous() and t.dim() == 2:
+            out[name] = torch.zeros(t.shape[::-1], dtype=t.dtype).t()
+        else:
+            out[name] = torch.zeros(t.shape, dtype=t.dtype)
+    return out
+
+
+def _serve_main(
+    queue: Any, builder: str, seed: int, identity: dict, kwargs: dict, log_path: str | None
+) -> None:
+    if log_path:
+        logging.basicConfig(
+            filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+    module, func = builder.rsplit(":", 1)
+    tensors = getattr(importlib.import_module(module), func)(seed)
+    server = Server(tensors, Identity(**identity), **kwargs).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    queue.put(server.address)
+    while not stop.wait(0.5):
+        pass
+    server.close()
+
+
+class ServerProcess:
+    """A netloader server in its own process, serving ``builder(seed)`` (a "module:function")."""
+
+    def __init__(
+        self,
+        builder: str = "helpers:all_cases",
+        seed: int = 0,
+        identity: Identity | None = None,
+        log_path: Path | None = None,
+        **kwargs: Any,
+    ):
+        ctx = mp.get_context("spawn")
+        self.queue = ctx.Queue()
+        ident = (identity or Identity("test-model")).to_json()
+        self.log_path = log_path
+        self.process = ctx.Process(
+            target=_serve_main,
+            args=(self.queue, builder, seed, ident, kwargs, str(log_path) if log_path else None),
+            daemon=True,
+        )
+        self.address: str | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.process.start()
+        self.address = self.queue.get(timeout=120)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+        self.kill()
+
+
+class Proxy:
+    """A TCP relay on 127.0.0.1 in front of ``target`` that can tamper with server->client bytes.
+
+    ``tamper(offset, data)`` gets each piece the server sends (``offset``: bytes relayed so far
+    on all connections) and returns the bytes to forward, or None to cut every connection.
+    """
+
+    def __init__(self, target: str, tamper: Any = None):
+        import socket
+
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.tamper = tamper or (lambda offset, data: data)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.relayed = 0
+        self.lock = threading.Lock()
+        self.socks: list = []
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.socks += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any, downstream: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if downstream:
+                    with self.lock:
+                        offset = self.relayed
+                        self.relayed += len(data)
+                    data = self.tamper(offset, data)
+                    if data is None:
+                        self.close_all()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            import socket
+
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close_all(self) -> None:
+        import socket
+
+        self.cut.set()
+        with self.lock:
+            socks = list(self.socks)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.close_all()
+        self.listener.close()
