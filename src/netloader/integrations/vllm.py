@@ -1,0 +1,271 @@
+"""vLLM model-loader plugin: ``--load-format netloader``.
+
+Installing netloader registers the load format in every vLLM process (entry point group
+``vllm.general_plugins``). In each worker the loader:
+
+1. creates the model as vLLM's default loader would;
+2. if SOURCE names peers for this worker's rank, pulls every parameter and persistent buffer
+   straight into the model (identity, layout and full manifest checked first); on any failure it
+   logs one WARNING, drops that model and loads a fresh one from storage;
+3. captures the loaded tensors *before* vLLM's post-processing (which may repack or rewrite
+   them; on CPU it replaces linear weights with kernel handles), with digests;
+4. lets vLLM post-process, then starts a server for this rank in background threads, so that
+   every instance, whichever way it got its weights, is a source for the next ones.
+
+Everything here is glue: the transfer itself is netloader's core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from netloader.client import pull
+from netloader.config import NetloaderConfig
+from netloader.errors import PullError
+from netloader.identity import Identity
+from netloader.server import Server
+from netloader.tensors import Snapshot
+
+LOAD_FORMAT = "netloader"
+log = init_logger("vllm.netloader")
+
+#: Servers started in this process, so an in-place weight reload can retire them.
+_SERVERS: list[Server] = []
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group; safe to call any number of times."""
+    global _registered
+    if not _registered:
+        register_model_loader(LOAD_FORMAT)(NetloaderModelLoader)
+        _registered = True
+
+
+class NetloaderModelLoader(DefaultModelLoader):
+    """The default loader, plus a peer path in front of it and a server behind it."""
+
+    def __init__(self, load_config: LoadConfig):
+        # A bad config stops start-up here, with the key, the value and what is allowed.
+        self.config = NetloaderConfig.parse(load_config.model_loader_extra_config)
+        # The default loader rejects keys it does not know and formats it cannot read.
+        super().__init__(
+            dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
+        )
+        # "idle" outside load_model; "peer" or "storage" while loading; "draft" for a draft model.
+        self._mode = "idle"
+        self._pull_from: list[str] = []
+        self._pulled_source = ""
+        self._identity: Identity | None = None
+        self._snapshot: Snapshot | None = None
+        self._weights_seconds = 0.0
+        _route_core_logs()
+
+    # --- the whole load ---------------------------------------------------------------------
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        if _is_draft(vllm_config, model_config, prefix):
+            log.info("netloader: speculative draft model %s loads from storage", model_config.model)
+            self._mode = "draft"
+            try:
+                return super().load_model(vllm_config, model_config, prefix)
+            finally:
+                self._mode = "idle"
+        identity = _identity(self.config, model_config)
+        self._identity = identity
+        sources = self.config.sources_for(identity.rank)
+        model = None
+        failure = None
+        try:
+            if sources:
+                self._mode, self._pull_from = "peer", sources
+                registered = _LayerRegistry(vllm_config)
+                try:
+                    model = super().load_model(vllm_config, model_config, prefix)
+                    path = f"peer {self._pulled_source}"
+                except PullError as exc:
+                    failure = str(exc)
+                    registered.forget_new()  # so a fresh model can register the same layers
+            else:
+                log.info("netloader: no SOURCE for rank %d, loading from storage", identity.rank)
+            if model is None:
+                if failure is not None:
+                    log.warning(
+                        "netloader: rank %d could not take its weights from a peer, loading from "
+                        "storage instead: %s",
+                        identity.rank,
+                        failure,
+                    )
+                    gc.collect()  # the half-filled model of the failed attempt goes first
+                self._mode, self._pull_from = "storage", []
+                model = super().load_model(vllm_config, model_config, prefix)
+                path = "storage"
+        finally:
+            self._mode = "idle"
+        snapshot = self._snapshot
+        assert snapshot is not None
+        total = snapshot.plan.total_bytes
+        seconds = self._weights_seconds
+        log.info(
+            "netloader: rank %d weights phase from %s: %.3f GB in %.2f s (%.2f GB/s)",
+            identity.rank,
+            path,
+            total / 1e9,
+            seconds,
+            total / 1e9 / max(seconds, 1e-9),
+        )
+        self._serve(snapshot, identity)
+        return model
+
+    # --- the weights phase, called by load_model above (between creation and post-processing)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        if self._mode == "idle":
+            _retire_servers("weights were reloaded in place after they were captured")
+        if self._mode in ("idle", "draft"):
+            return super().load_weights(model, model_config)
+        start = time.perf_counter()
+        if self._mode == "peer":
+            assert self._identity is not None
+            tensors = _named_tensors(model)
+            meta = [n for n, t in tensors.items() if t.device.type == "meta"]
+            if meta:
+                raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
+            result = pull(self._pull_from, self._identity, into=tensors)
+            self._pulled_source = result.source
+        else:
+            super().load_weights(model, model_config)
+            tensors = _named_tensors(model)
+        self._weights_seconds = time.perf_counter() - start
+        self._snapshot = self._capture(tensors)
+
+    def get_all_weights(self, model_config: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def]
+        # vLLM's reload_weights reads through a new loader's get_all_weights: outside our own
+        # load_model that means the live weights are about to differ from what was captured.
+        if self._mode == "idle":
+            _retire_servers("weights were reloaded in place after they were captured")
+        return super().get_all_weights(model_config, model)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _capture(self, tensors: dict[str, torch.Tensor]) -> Snapshot:
+        """References to the loaded tensors (plus pristine int8 copies when INT8_CACHE says so),
+        with their digests, taken before post-processing can change anything."""
+        mode, fragments = self.config.int8_cache, self.config.int8_cache_name
+        served = {}
+        copies = 0
+        for name, t in tensors.items():
+            if (
+                mode != "no"
+                and t.dtype == torch.int8
+                and (fragments is None or any(f in name for f in fragments))
+            ):
+                served[name] = t.clone() if mode == "hbm" else t.to("cpu", copy=True)
+                copies += t.nbytes
+            else:
+                served[name] = t
+        if copies:
+            log.info("netloader: INT8_CACHE=%s keeps %.3f GB of int8 copies", mode, copies / 1e9)
+        return Snapshot(served)
+
+    def _serve(self, snapshot: Snapshot, identity: Identity) -> None:
+        from vllm.utils.network_utils import get_ip
+
+        changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
+        server = Server(
+            snapshot,
+            identity,
+            host=get_ip(),
+            listen_port=self.config.listen_port,
+            output_prefix=self.config.output_prefix,
+        )
+        if changed:
+            server.unavailable = (
+                f"{len(changed)} tensor(s) changed after loading (vLLM post-processing rewrote "
+                f"them in place, e.g. {changed[0]!r}); set INT8_CACHE to keep pristine copies"
+            )
+            log.warning("netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable)
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning("netloader: rank %d serves no peers: %s", identity.rank, exc)
+            return
+        if server.address:
+            log.info("netloader: rank %d serving peers on %s", identity.rank, server.address)
+        _SERVERS.append(server)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name; tied ones appear under each name."""
+    return {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def _identity(config: NetloaderConfig, model_config: ModelConfig) -> Identity:
+    from vllm.distributed.parallel_state import (
+        get_pp_group,
+        get_tensor_model_parallel_world_size,
+        get_world_group,
+    )
+
+    world = get_world_group()
+    return Identity(
+        model=config.model or model_config.model,
+        rank=world.rank,
+        world_size=world.world_size,
+        tensor_parallel_size=get_tensor_model_parallel_world_size(),
+        pipeline_parallel_size=get_pp_group().world_size,
+    )
+
+
+def _is_draft(vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -> bool:
+    spec = vllm_config.speculative_config
+    draft = getattr(spec, "draft_model_config", None) if spec is not None else None
+    return prefix == "draft_model" or (draft is not None and model_config is draft)
+
+
+class _LayerRegistry:
+    """vLLM registers every attention and MoE layer by name in the compilation config when a
+    model is built and refuses a name twice. Dropping a failed model must drop its entries."""
+
+    def __init__(self, vllm_config: VllmConfig):
+        self.config = vllm_config.compilation_config
+        self.layers = set(getattr(self.config, "static_forward_context", {}))
+        self.moe = len(getattr(self.config, "static_all_moe_layers", []))
+
+    def forget_new(self) -> None:
+        context = getattr(self.config, "static_forward_context", {})
+        for name in [n for n in context if n not in self.layers]:
+            del context[name]
+        moe = getattr(self.config, "static_all_moe_layers", None)
+        if moe is not None:
+            del moe[self.moe :]
+
+
+def _retire_servers(reason: str) -> None:
+    for server in _SERVERS:
+        if not server.unavailable:
+            server.unavailable = reason
+            log.warning("netloader: server on %s now refuses peers: %s", server.address, reason)
+
+
+def _route_core_logs() -> None:
+    """Let the core's ``netloader.*`` loggers print through vLLM's handlers and format."""
+    core, vllm_logger = logging.getLogger("netloader"), logging.getLogger("vllm")
+    if not core.handlers and vllm_logger.handlers:
+        for handler in vllm_logger.handlers:
+            core.addHandler(handler)
+        core.setLevel(logging.INFO)
+        core.propagate = False

@@ -1,0 +1,196 @@
+"""The vLLM plugin with real vLLM (CPU build): peer loading, fallbacks, config, chaining.
+
+Instances are shared across tests where possible (each start costs ~25 s on 2 cores); tests run
+in file order and the last one kills the TP1 seed.
+"""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+from helpers import Proxy
+from vllm_harness import ApiServer, OfflineInstance, free_port
+
+if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
+
+from netloader.synthetic import tiny_llama  # noqa: E402
+
+PROMPTS = ["hello world", "the quick brown fox", "weights travel from a", "a new instance"]
+PEER = re.compile(
+    r"netloader: rank (\d+) weights phase from peer (\S+): [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)"
+)
+STORAGE = re.compile(r"netloader: rank (\d+) weights phase from storage: [\d.]+ GB in [\d.]+ s")
+FALLBACK = "could not take its weights from a peer, loading from storage instead"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")
+
+
+def read_address(prefix, rank: int) -> str:
+    return (prefix.parent / f"{prefix.name}{rank}.txt").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def seed(model, logs):
+    """TP1 seed: the OpenAI server (what `vllm serve` runs), loading from disk, serving peers."""
+    prefix = logs / "seed_"
+    srv = ApiServer(model, logs / "seed.log", extra={"OUTPUT_PREFIX": str(prefix)})
+    srv.wait_ready()
+    srv.address = read_address(prefix, 0)
+    srv.outputs = [srv.complete(p) for p in PROMPTS]
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(model, logs):
+    """The reference: vLLM's own default loader, no netloader at all."""
+    inst = OfflineInstance(model, logs / "plain.log", prompts=PROMPTS, load_format="auto")
+    outputs = inst.outputs()
+    inst.stop()
+    return outputs
+
+
+def client(model, logs, name, extra, tp=1, hold=False):
+    return OfflineInstance(
+        model, logs / f"{name}.log", prompts=PROMPTS, extra=extra, tp=tp, hold=hold
+    )
+
+
+def source(*addresses, device_id=0):
+    return {"device_id": device_id, "sources": list(addresses)}
+
+
+@pytest.fixture(scope="module")
+def peer_client(model, logs, seed):
+    """TP1 client pulling from the seed; it stays up to serve the next instance."""
+    prefix = logs / "client_"
+    extra = {"SOURCE": [source(seed.address)], "OUTPUT_PREFIX": str(prefix)}
+    inst = client(model, logs, "client", extra, hold=True)
+    inst.result = inst.outputs()
+    inst.address = read_address(prefix, 0)
+    yield inst
+    inst.stop()
+
+
+def test_seed_writes_its_address_and_serves_from_storage(seed):
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", seed.address)
+    assert STORAGE.search(seed.log())
+    assert f"rank 0 serving peers on {seed.address}" in seed.log()
+    assert "no SOURCE for rank 0, loading from storage" in seed.log()
+
+
+def test_tp1_client_loads_from_peer_and_answers_identically(peer_client, seed, plain):
+    match = PEER.search(peer_client.log())
+    assert match and match.group(2) == seed.address, peer_client.log()[-3000:]
+    assert FALLBACK not in peer_client.log()
+    assert peer_client.result == seed.outputs == plain
+    assert len(set(plain)) == len(PROMPTS)  # the outputs do tell the weights apart
+
+
+def test_client_serves_a_third_instance_and_config_file_wins(
+    model, logs, peer_client, plain, tmp_path
+):
+    """Chaining: the client that loaded from a peer is itself a source. The inline SOURCE points
+    nowhere; CONFIG_FILE's SOURCE (which takes priority) points at the client."""
+    config = tmp_path / "netloader.json"
+    config.write_text(json.dumps({"SOURCE": [source(peer_client.address)]}))
+    extra = {"SOURCE": [source(f"127.0.0.1:{free_port()}")], "CONFIG_FILE": str(config)}
+    third = client(model, logs, "third", extra)
+    assert third.outputs() == plain
+    third.stop()
+    match = PEER.search(third.log())
+    assert match and match.group(2) == peer_client.address, third.log()[-3000:]
+
+
+def expect_fallback(inst, plain, *reason_fragments):
+    assert inst.outputs() == plain
+    inst.stop()
+    log = inst.log()
+    warnings = [line for line in log.splitlines() if FALLBACK in line]
+    assert len(warnings) == 1, log[-4000:]  # one WARNING with the reason
+    assert "WARNING" in warnings[0]
+    for fragment in reason_fragments:
+        assert fragment in warnings[0], warnings[0]
+    assert STORAGE.search(log) and not PEER.search(log)
+
+
+def test_fallback_when_source_unreachable(model, logs, plain):
+    dead = f"127.0.0.1:{free_port()}"
+    inst = client(model, logs, "unreachable", {"SOURCE": [source(dead)]})
+    expect_fallback(inst, plain, dead, "cannot connect")
+
+
+def test_fallback_when_model_differs(model, logs, seed, plain):
+    inst = client(
+        model, logs, "model", {"SOURCE": [source(seed.address)], "MODEL": "another-model"}
+    )
+    expect_fallback(inst, plain, "model differs", "'another-model'")
+    assert "refused" in seed.log() and "'another-model'" in seed.log()  # the seed logged it too
+
+
+@pytest.fixture(scope="module")
+def seed_tp2(model, logs):
+    prefix = logs / "seed2_"
+    inst = client(model, logs, "seed_tp2", {"OUTPUT_PREFIX": str(prefix)}, tp=2, hold=True)
+    inst.result = inst.outputs()
+    inst.addresses = [read_address(prefix, r) for r in (0, 1)]
+    yield inst
+    inst.stop()
+
+
+def test_tp2_each_rank_pulls_from_matching_seed_rank(model, logs, seed_tp2):
+    sources = [source(seed_tp2.addresses[r], device_id=r) for r in (0, 1)]
+    inst = client(model, logs, "client_tp2", {"SOURCE": sources}, tp=2)
+    outputs = inst.outputs()
+    inst.stop()
+    pulled = {int(m.group(1)): m.group(2) for m in PEER.finditer(inst.log())}
+    assert pulled == {0: seed_tp2.addresses[0], 1: seed_tp2.addresses[1]}, inst.log()[-4000:]
+    assert outputs == seed_tp2.result
+
+
+def test_tp2_seed_matches_plain_loader(seed_tp2, plain):
+    """Same weights through a TP2 layout give the same greedy text here as TP1's plain loader."""
+    assert STORAGE.search(seed_tp2.log())
+    assert seed_tp2.result == plain
+
+
+def test_fallback_when_tensor_parallel_size_differs(model, logs, seed_tp2, plain):
+    inst = client(model, logs, "tp_differs", {"SOURCE": [source(seed_tp2.addresses[0])]})
+    expect_fallback(inst, plain, "parallel layout differs", "tp=2", "tp=1")
+
+
+def test_bad_config_stops_startup(model, logs):
+    inst = client(model, logs, "bad_config", {"INT8_CACHE": "sometimes"})
+    assert inst.wait_exit() != 0
+    assert "INT8_CACHE = 'sometimes' is not allowed; use one of hbm, dram, no" in inst.log()
+
+
+def test_fallback_when_seed_killed_while_sending(model, logs, seed, plain):
+    """A relay in front of the seed kills the whole seed instance (SIGKILL) once 1 MB of its
+    answer went through: the client is mid-transfer, falls back, and still answers right."""
+
+    def kill_seed(offset, data):
+        if offset > 1 << 20:
+            os.killpg(seed.proc.pid, signal.SIGKILL)
+            return None
+        return data
+
+    proxy = Proxy(seed.address, kill_seed)
+    inst = client(model, logs, "seed_killed", {"SOURCE": [source(proxy.address)]})
+    try:
+        expect_fallback(inst, plain, proxy.address)
+    finally:
+        proxy.close()
+    assert not seed.alive()
+    assert proxy.relayed > 1 << 20  # weight bytes were flowing when the seed died

