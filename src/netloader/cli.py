@@ -23,7 +23,6 @@ from netloader.checkpoint import load_checkpoint, save_atomic
 from netloader.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_STREAMS,
     info,
     pull,
 )
@@ -98,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default=None, help="write DIR/model.safetensors (default: only measure)"
     )
     pull_.add_argument("--model", default=None, help="refuse a server that serves another model")
-    pull_.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="parallel TCP streams")
+    pull_.add_argument(
+        "--streams", type=int, default=None, help="parallel TCP streams (default: per core, 2..8)"
+    )
     pull_.add_argument(
         "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
     )
@@ -113,7 +114,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     _token_arg(info_)
     info_.set_defaults(run=_info)
+
+    bench = sub.add_parser("bench", help="compare netloader with raw sockets, gloo and disk loads")
+    bench.add_argument(
+        "--size", type=_size, default=1 << 30, help="payload, e.g. 1GiB, 256MiB (default 1GiB)"
+    )
+    bench.add_argument(
+        "--streams", type=int, default=None, help="TCP streams (default: per core, 2..8)"
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=5, help="runs per method; the median is reported"
+    )
+    bench.add_argument("--workdir", default=None, help="where to write the temporary checkpoint")
+    bench.add_argument("--json", default=None, help="also write the results as JSON")
+    bench.add_argument("--plot", default=None, help="also draw a PNG bar chart (needs matplotlib)")
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _size(text: str) -> int:
+    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
+    lowered = text.strip().lower()
+    unit = next((u for u in units if lowered.endswith(u)), None)
+    number, factor = (lowered.removesuffix(unit), units[unit]) if unit else (lowered, 1)
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1GiB or 256MiB") from None
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small; use at least 1MiB")
+    return value
 
 
 def _token_arg(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +207,31 @@ def _info(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from netloader import bench
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib (pip install 'netloader[bench]')") from None
+    report = bench.run(
+        args.size,
+        streams=args.streams,
+        repeats=args.repeats,
+        workdir=args.workdir,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(report.table())
+    if args.json:
+        bench.write_json(report, args.json)
+    if args.plot:
+        bench.plot(report, args.plot)
     return 0
 
 

@@ -42,6 +42,7 @@ from netloader.protocol import (
     InfoRequest,
     PullRequest,
     Refuse,
+    gc_paused,
 )
 from netloader.tensors import flat_bytes
 from netloader.transport import TRANSPORTS, Incoming, preferred
@@ -52,7 +53,16 @@ log = logging.getLogger("netloader.client")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_HANDSHAKE_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 30.0
-DEFAULT_STREAMS = 4
+MAX_DEFAULT_STREAMS = 8
+
+
+def default_streams() -> int:
+    """Parallel TCP streams to ask for: one per usable core, at least 2, at most 8.
+
+    On loopback every stream costs a core for the kernel's copy; over a real network more
+    streams than cores still help to fill a fat link. The server caps it by the chunk count.
+    """
+    return max(2, min(MAX_DEFAULT_STREAMS, len(os.sched_getaffinity(0))))
 
 
 @dataclass
@@ -87,12 +97,13 @@ def pull(
     *,
     device: str | torch.device = "cpu",
     token: bytes | None = None,
-    streams: int = DEFAULT_STREAMS,
+    streams: int | None = None,
     transports: Sequence[str] | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     max_bytes: int | None = None,
+    verify: bool = True,
     progress: Callable[[int], None] | None = None,
     on_accept: Callable[[Accept], None] | None = None,
 ) -> PullResult:
@@ -108,6 +119,7 @@ def pull(
     targets = [(s, *parse_source(s)) for s in sources]
     if not targets:
         raise ConfigError("no sources given")
+    streams = streams or default_streams()
     if not 1 <= streams <= 64:
         raise ConfigError(f"streams must be in 1..64, got {streams}")
     for name in transports or ():
@@ -129,7 +141,10 @@ def pull(
                 handshake_timeout,
                 idle_timeout,
             )
-            return attempt.run(want, into, dev, offered, streams, max_bytes, progress, on_accept)
+            with gc_paused():  # a blocking load: a full collection would only stall it
+                return attempt.run(
+                    want, into, dev, offered, streams, max_bytes, verify, progress, on_accept
+                )
         except PullError as exc:
             exc.source = source
             log.info("source failed: %s", exc)
@@ -253,6 +268,7 @@ class _Attempt:
         transports: list[str],
         streams: int,
         max_bytes: int | None,
+        verify: bool,
         progress: Callable[[int], None] | None,
         on_accept: Callable[[Accept], None] | None,
     ) -> PullResult:
@@ -292,7 +308,7 @@ class _Attempt:
                 accept.streams,
                 plan,
                 buffers,
-                accept.digests,
+                accept.digests if verify else None,
                 self.idle,
                 accept.offer,
                 progress,

@@ -79,6 +79,7 @@ class Server:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         chunk_size: int = DEFAULT_CHUNK,
+        verify_before_send: bool = False,
     ):
         if max_clients < 1 or max_streams < 1:
             raise ConfigError(
@@ -97,6 +98,7 @@ class Server:
         self.max_streams = max_streams
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.verify_before_send = verify_before_send
         #: When set, every pull is refused with this reason (e.g. weights changed after capture).
         self.unavailable: str | None = None
         self.address: str | None = None
@@ -372,7 +374,14 @@ class Server:
             min(request.streams, self.max_streams, max(1, plan.num_chunks)) if name == "tcp" else 1
         )
         session = os.urandom(SESSION_BYTES).hex()
-        out = Outgoing(self.snapshot, session, streams, self.host, self.idle_timeout)
+        out = Outgoing(
+            self.snapshot,
+            session,
+            streams,
+            self.host,
+            self.idle_timeout,
+            verify=self.verify_before_send,
+        )
         with self._lock:
             self._sessions[session] = out
         try:

@@ -34,6 +34,7 @@ CHUNK_HEADER = struct.Struct("!q")
 END = -1  # this stream carries no more chunks
 ERROR = -2  # a Refuse frame follows: the server stopped for a reason the client should know
 IOV_MAX = 512  # below the kernel's 1024 iovec limit
+LARGE = 256 << 10  # buffers at least this big get a system call of their own
 SOCKET_BUFFER = 4 << 20
 
 
@@ -112,7 +113,7 @@ class TcpTransport(Transport):
 
 def _send_stream(sock: socket.socket, out: Outgoing, next_chunk: Callable[[], int | None]) -> None:
     staging = Staging(out.snapshot.plan, out.snapshot.buffers)
-    sock.settimeout(out.idle)
+    kernel_timeouts(sock, out.idle)
     while (index := next_chunk()) is not None:
         if out.cancelled.is_set():
             return
@@ -128,13 +129,16 @@ def _send_stream(sock: socket.socket, out: Outgoing, next_chunk: Callable[[], in
 
 def _recv_stream(sock: socket.socket, inc: Incoming, claim: Callable[[int], None]) -> None:
     staging = Staging(inc.plan, inc.buffers)
-    channel = Channel(sock, inc.idle)
+    kernel_timeouts(sock, inc.idle)
+    header = bytearray(CHUNK_HEADER.size)
     while True:
-        (index,) = CHUNK_HEADER.unpack(channel.recv_exact(CHUNK_HEADER.size))
+        recv_buffers(sock, [memoryview(header)])
+        (index,) = CHUNK_HEADER.unpack(header)
         if index == END:
             return
         if index == ERROR:
-            refusal = channel.recv(Refuse)
+            sock.settimeout(inc.idle)
+            refusal = Channel(sock, inc.idle).recv(Refuse)
             assert isinstance(refusal, Refuse)
             raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
         claim(index)
@@ -199,36 +203,88 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking mode with SO_RCVTIMEO/SO_SNDTIMEO, so the kernel enforces the idle bound.
+
+    Python's own socket timeouts poll before every call and force a Python-level loop on
+    every partial read or write; kernel timeouts let ``sendall`` and ``MSG_WAITALL`` reads
+    loop inside C. A wait that exceeds the bound fails with EAGAIN, turned into TimeoutError.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
-    """Send all ``bufs`` in order with vectored writes (the kernel gathers them: no copy)."""
-    i = 0
-    bufs = [b for b in bufs if len(b)]
-    while i < len(bufs):
-        sent = sock.sendmsg(bufs[i : i + IOV_MAX])
-        while sent:
-            if sent >= len(bufs[i]):
-                sent -= len(bufs[i])
-                i += 1
-            else:
-                bufs[i] = bufs[i][sent:]
-                sent = 0
+    """Send ``bufs`` in order, never copying: runs of small buffers go out in one vectored
+    ``sendmsg`` (held back with MSG_MORE to join what follows), large ones with ``sendall``."""
+    batch: list[memoryview] = []
+    try:
+        for buf in bufs:
+            if len(buf) >= LARGE:
+                if batch:
+                    _sendmsg_all(sock, batch, socket.MSG_MORE)
+                    batch = []
+                sock.sendall(buf)
+            elif len(buf):
+                batch.append(buf)
+        if batch:
+            _sendmsg_all(sock, batch, 0)
+    except BlockingIOError:
+        raise TimeoutError("peer stopped reading") from None
 
 
 def recv_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
-    """Fill all ``bufs`` in order with vectored reads straight into their memory."""
+    """Fill ``bufs`` in order straight into their memory: runs of small buffers with one
+    vectored read, large ones with MSG_WAITALL (one system call for the whole buffer)."""
+    batch: list[memoryview] = []
+    try:
+        for buf in bufs:
+            if len(buf) >= LARGE:
+                if batch:
+                    _recvmsg_all(sock, batch)
+                    batch = []
+                while len(buf):
+                    got = sock.recv_into(buf, len(buf), socket.MSG_WAITALL)
+                    if got == 0:
+                        raise ConnectionResetError("peer closed the data connection")
+                    buf = buf[got:]
+            elif len(buf):
+                batch.append(buf)
+        if batch:
+            _recvmsg_all(sock, batch)
+    except BlockingIOError:
+        raise TimeoutError("peer stopped sending") from None
+
+
+def _sendmsg_all(sock: socket.socket, bufs: list[memoryview], flags: int) -> None:
     i = 0
-    bufs = [b for b in bufs if len(b)]
     while i < len(bufs):
-        got = sock.recvmsg_into(bufs[i : i + IOV_MAX])[0]
+        sent = sock.sendmsg(bufs[i : i + IOV_MAX], [], flags)
+        i, bufs = _advance(bufs, i, sent)
+
+
+def _recvmsg_all(sock: socket.socket, bufs: list[memoryview]) -> None:
+    i = 0
+    while i < len(bufs):
+        got = sock.recvmsg_into(bufs[i : i + IOV_MAX], 0, socket.MSG_WAITALL)[0]
         if got == 0:
             raise ConnectionResetError("peer closed the data connection")
-        while got:
-            if got >= len(bufs[i]):
-                got -= len(bufs[i])
-                i += 1
-            else:
-                bufs[i] = bufs[i][got:]
-                got = 0
+        i, bufs = _advance(bufs, i, got)
+
+
+def _advance(bufs: list[memoryview], i: int, done: int) -> tuple[int, list[memoryview]]:
+    """Skip ``done`` bytes of ``bufs`` starting at buffer ``i``."""
+    while done:
+        if done >= len(bufs[i]):
+            done -= len(bufs[i])
+            i += 1
+        else:
+            bufs[i] = bufs[i][done:]
+            done = 0
+    return i, bufs
 
 
 def _shutdown(sock: socket.socket) -> None:
