@@ -48,33 +48,28 @@ class TcpTransport(Transport):
     # --- server ---------------------------------------------------------------------------
 
     def send(self, out: Outgoing) -> None:
-        socks: list[socket.socket] = []
-        try:
-            for _ in range(out.streams):
-                try:
-                    socks.append(out.sockets.get(timeout=out.idle))
-                except queue.Empty:
-                    raise TimeoutError(
-                        f"client attached {len(socks)} of {out.streams} streams"
-                    ) from None
-            counter = itertools.count()
-            lock = threading.Lock()
+        counter = itertools.count()
+        lock = threading.Lock()
 
-            def next_chunk() -> int | None:
-                with lock:
-                    index = next(counter)
-                return index if index < out.snapshot.plan.num_chunks else None
+        def next_chunk() -> int | None:
+            with lock:
+                index = next(counter)
+            return index if index < out.snapshot.plan.num_chunks else None
 
-            _run_streams(socks, lambda s: _send_stream(s, out, next_chunk), out.cancelled)
-        finally:
-            for s in socks:
-                _close(s)
+        def attached(index: int) -> socket.socket:
+            # Data connections arrive through the listener; each starts sending at once.
+            try:
+                return out.sockets.get(timeout=out.idle)
+            except queue.Empty:
+                raise TimeoutError(f"client attached fewer than {out.streams} streams") from None
+
+        _run_streams(
+            out.streams, attached, lambda s: _send_stream(s, out, next_chunk), out.cancelled
+        )
 
     # --- client ---------------------------------------------------------------------------
 
     def receive(self, inc: Incoming) -> None:
-        socks: list[socket.socket] = []
-        cancelled = threading.Event()
         seen = bytearray(inc.plan.num_chunks)
         lock = threading.Lock()
 
@@ -87,9 +82,12 @@ class TcpTransport(Transport):
                 seen[index] = 1
 
         try:
-            for index in range(inc.streams):
-                socks.append(_attach(inc, index))
-            _run_streams(socks, lambda s: _recv_stream(s, inc, claim), cancelled)
+            _run_streams(
+                inc.streams,
+                lambda index: _attach(inc, index),
+                lambda s: _recv_stream(s, inc, claim),
+                threading.Event(),
+            )
         except PullError:
             raise
         except TimeoutError:
@@ -98,9 +96,6 @@ class TcpTransport(Transport):
             raise PeerClosed(f"data connection lost: {exc}", partial=inc.wrote) from None
         except ProtocolError as exc:
             raise PullError(f"bad data from server: {exc}", partial=inc.wrote) from None
-        finally:
-            for s in socks:
-                _close(s)
         missing = inc.plan.num_chunks - sum(seen)
         if missing:
             raise PeerClosed(
@@ -164,30 +159,46 @@ def _attach(inc: Incoming, index: int) -> socket.socket:
 
 
 def _run_streams(
-    socks: list[socket.socket], work: Callable[[socket.socket], None], cancelled: threading.Event
+    count: int,
+    open_stream: Callable[[int], socket.socket],
+    work: Callable[[socket.socket], None],
+    cancelled: threading.Event,
 ) -> None:
-    """Run ``work`` on every socket in parallel; on the first failure stop all and re-raise it."""
+    """Open ``count`` streams and run ``work`` on each, all in parallel (each starts as soon as
+    its own connection is ready). On the first failure every stream is stopped and that failure
+    re-raised. All sockets are closed on return."""
     errors: list[BaseException] = []
+    socks: list[socket.socket] = []
+    lock = threading.Lock()
 
-    def run(sock: socket.socket) -> None:
+    def run(index: int) -> None:
         try:
+            sock = open_stream(index)
+            with lock:
+                socks.append(sock)
+                if cancelled.is_set():
+                    _shutdown(sock)
             work(sock)
         except BaseException as exc:
             errors.append(exc)
             cancelled.set()
-            for s in socks:  # unblock the other streams at once
-                _shutdown(s)
+            with lock:
+                for s in socks:  # unblock the other streams at once
+                    _shutdown(s)
 
     threads = [
-        threading.Thread(target=run, args=(s,), name="netloader-stream", daemon=True)
-        for s in socks[1:]
+        threading.Thread(target=run, args=(i,), name="netloader-stream", daemon=True)
+        for i in range(1, count)
     ]
-    for t in threads:
-        t.start()
-    if socks:
-        run(socks[0])
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+    finally:
+        for s in socks:
+            _close(s)
     if errors:
         # Prefer the error that explains the stop over the closures it caused in other streams.
         for exc in errors:
