@@ -28,17 +28,17 @@ demo-core: $(STAMP)
 	$(PY) demo/core.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests demo
-	$(PY) -m ruff format --check src tests demo
+	$(PY) -m ruff check src tests demo benchmarks
+	$(PY) -m ruff format --check src tests demo benchmarks
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests demo
-	$(PY) -m ruff format --check src tests demo
+	$(PY) -m ruff check src tests demo benchmarks
+	$(PY) -m ruff format --check src tests demo benchmarks
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests demo
-	$(PY) -m ruff check --fix src tests demo
+	$(PY) -m ruff format src tests demo benchmarks
+	$(PY) -m ruff check --fix src tests demo benchmarks
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info src/*.egg-info

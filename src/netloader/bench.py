@@ -258,12 +258,13 @@ def _recv_gloo(queue: Any, path: str, port: int) -> None:
     group = _gloo_group(port, 1)
     memory = _Memory()
     start = time.perf_counter()
-    total = 0
+    received = []  # kept, like a model's parameters: fresh memory for every tensor
     for shape, dtype in shapes:
         t = torch.empty(shape, dtype=_ST_DTYPES[dtype]).reshape(-1).view(torch.uint8)
         group.recv([t], 0, 0).wait()
-        total += t.numel()
+        received.append(t)
     seconds = time.perf_counter() - start
+    total = sum(t.numel() for t in received)
     group.barrier().wait()
     queue.put((seconds, memory.peak_mib(), total))
 
@@ -278,11 +279,13 @@ def _load_safetensors(queue: Any, path: str) -> None:
     memory = _Memory()
     start = time.perf_counter()
     total = 0
+    loaded = []
     with safe_open(path, framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
             src = f.get_tensor(name)
             dst = torch.empty_like(src)
             dst.copy_(src)
+            loaded.append(dst)
             total += dst.nbytes
     queue.put((time.perf_counter() - start, memory.peak_mib(), total))
 

@@ -22,6 +22,7 @@ from netloader import auth
 from netloader.checkpoint import load_checkpoint, save_atomic
 from netloader.client import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     info,
     pull,
@@ -32,6 +33,7 @@ from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT as SERVER_HANDSHAKE
 from netloader.server import DEFAULT_IDLE_TIMEOUT as SERVER_IDLE
 from netloader.server import (
     DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_WAITING,
     Server,
 )
 
@@ -84,7 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="concurrent transfers"
     )
-    serve.add_argument("--handshake-timeout", type=float, default=SERVER_HANDSHAKE, help="seconds")
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=DEFAULT_MAX_WAITING,
+        help="clients that may queue for a slot; more are refused as busy",
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=SERVER_HANDSHAKE,
+        help="seconds for a whole handshake, queueing included",
+    )
     serve.add_argument(
         "--idle-timeout", type=float, default=SERVER_IDLE, help="seconds without progress"
     )
@@ -103,7 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     pull_.add_argument(
         "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
     )
-    pull_.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds")
+    pull_.add_argument(
+        "--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, help="seconds"
+    )
+    pull_.add_argument(
+        "--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds without progress"
+    )
     _token_arg(pull_)
     pull_.set_defaults(run=_pull)
 
@@ -169,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         output_prefix=args.output_prefix,
         token=token,
         max_clients=args.max_clients,
+        max_waiting=args.max_waiting,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
     )
@@ -259,6 +278,7 @@ def _pull(args: argparse.Namespace) -> int:
             token=token,
             streams=args.streams,
             connect_timeout=args.connect_timeout,
+            handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout,
             progress=bar.update,
             on_accept=lambda a: setattr(bar, "total", a.manifest.total_bytes),

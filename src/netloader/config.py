@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netloader.client import parse_source
+from netloader.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    parse_source,
+)
 from netloader.errors import ConfigError
+from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CLIENTS
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
 
@@ -26,6 +31,12 @@ KEYS = {
     "INT8_CACHE_NAME": "list of name fragments selecting the int8 parameters to cache",
     "OUTPUT_PREFIX": "each rank writes {OUTPUT_PREFIX}{rank}.txt holding IP:port",
     "CONFIG_FILE": "path of a JSON file with these keys; its values win over inline ones",
+    "TOKEN_FILE": "file holding a shared secret; peers must prove they know it",
+    "LISTEN_HOST": "address the server binds to (default: vLLM's host IP, VLLM_HOST_IP)",
+    "MAX_CLIENTS": "concurrent transfers a server runs; more clients wait (default 4)",
+    "CONNECT_TIMEOUT": "seconds to connect to a source (default 5)",
+    "HANDSHAKE_TIMEOUT": "seconds for a whole handshake, queueing for a slot included (default 30)",
+    "IDLE_TIMEOUT": "seconds a transfer may go without completing a chunk (default 30)",
 }
 
 
@@ -37,6 +48,12 @@ class NetloaderConfig:
     int8_cache: str = "no"
     int8_cache_name: tuple[str, ...] | None = None
     output_prefix: str | None = None
+    token_file: str | None = None
+    listen_host: str | None = None
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
     def sources_for(self, rank: int) -> list[str]:
         return list(self.sources.get(rank, ()))
@@ -71,6 +88,12 @@ class NetloaderConfig:
             int8_cache=_int8_mode(values.get("INT8_CACHE")),
             int8_cache_name=_name_fragments(values.get("INT8_CACHE_NAME")),
             output_prefix=_optional_str(values, "OUTPUT_PREFIX"),
+            token_file=_optional_str(values, "TOKEN_FILE"),
+            listen_host=_optional_str(values, "LISTEN_HOST"),
+            max_clients=_positive(values, "MAX_CLIENTS", DEFAULT_MAX_CLIENTS, integer=True),
+            connect_timeout=_positive(values, "CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+            handshake_timeout=_positive(values, "HANDSHAKE_TIMEOUT", DEFAULT_HANDSHAKE_TIMEOUT),
+            idle_timeout=_positive(values, "IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
         )
 
 
@@ -147,6 +170,17 @@ def _optional_int(values: Mapping[str, Any], key: str) -> int | None:
         return None
     if type(value) is not int:
         raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _positive(values: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> Any:
+    value = values.get(key)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        what = "a positive integer" if integer else "a positive number of seconds"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
     return value
 
 

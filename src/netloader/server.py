@@ -53,6 +53,7 @@ DEFAULT_MAX_CLIENTS = 4
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_STREAMS = 8
+DEFAULT_MAX_WAITING = 32  # clients queued for a transfer slot; more are refused as busy
 MAX_PENDING = 64  # connections still in their handshake; more are turned away at once
 
 
@@ -75,18 +76,26 @@ class Server:
         output_prefix: str | None = None,
         token: bytes | None = None,
         max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_waiting: int = DEFAULT_MAX_WAITING,
         max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         chunk_size: int = DEFAULT_CHUNK,
         verify_before_send: bool = False,
     ):
-        if max_clients < 1 or max_streams < 1:
-            raise ConfigError(
-                f"max_clients and max_streams must be >= 1, got {max_clients}, {max_streams}"
-            )
-        if handshake_timeout <= 0 or idle_timeout <= 0:
-            raise ConfigError("timeouts must be positive")
+        for name, value, low in (
+            ("max_clients", max_clients, 1),
+            ("max_streams", max_streams, 1),
+            ("max_waiting", max_waiting, 0),
+        ):
+            if type(value) is not int or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (
+            ("handshake_timeout", handshake_timeout),
+            ("idle_timeout", idle_timeout),
+        ):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         self.snapshot = (
             tensors if isinstance(tensors, Snapshot) else Snapshot(tensors, chunk_size=chunk_size)
         )
@@ -104,7 +113,9 @@ class Server:
         self.address: str | None = None
         self.served = 0  # completed transfers, for tests and logs
 
+        self.max_clients = max_clients
         self._slots = threading.BoundedSemaphore(max_clients)
+        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
@@ -350,14 +361,30 @@ class Server:
             )
             return
         if not self._slots.acquire(blocking=False):
-            self._refuse(
-                channel, peer, "busy", "server is busy: all client slots are in use, retry later"
-            )
-            return
+            busy = self._wait_for_slot(deadline)
+            if busy:
+                self._refuse(channel, peer, "busy", f"server is busy: {busy}; retry later")
+                return
         try:
             self._transfer(channel, peer, hello, request, name, deadline)
         finally:
             self._slots.release()
+
+    def _wait_for_slot(self, deadline: float) -> str | None:
+        """Queue for a transfer slot until the handshake deadline; None once one is held,
+        otherwise why not."""
+        if self._waiting is None or not self._waiting.acquire(blocking=False):
+            return f"all {self.max_clients} transfer slots and the waiting queue are full"
+        try:
+            while not self._closing.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if self._slots.acquire(timeout=min(left, 0.5)):
+                    return None
+            return f"all {self.max_clients} transfer slots stayed in use for {self.handshake_timeout:g} s"
+        finally:
+            self._waiting.release()
 
     def _transfer(
         self,

@@ -30,6 +30,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
+from netloader import auth
 from netloader.client import pull
 from netloader.config import NetloaderConfig
 from netloader.errors import PullError
@@ -59,6 +60,7 @@ class NetloaderModelLoader(DefaultModelLoader):
     def __init__(self, load_config: LoadConfig):
         # A bad config stops start-up here, with the key, the value and what is allowed.
         self.config = NetloaderConfig.parse(load_config.model_loader_extra_config)
+        self.token = auth.load_token(self.config.token_file)  # or NETLOADER_TOKEN
         # The default loader rejects keys it does not know and formats it cannot read.
         super().__init__(
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
@@ -144,7 +146,17 @@ class NetloaderModelLoader(DefaultModelLoader):
             meta = [n for n, t in tensors.items() if t.device.type == "meta"]
             if meta:
                 raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
-            result = pull(self._pull_from, self._identity, into=tensors)
+            cfg = self.config
+            result = pull(
+                self._pull_from,
+                self._identity,
+                into=tensors,
+                token=self.token,
+                connect_timeout=cfg.connect_timeout,
+                # The client's clock also covers connecting; the server may queue it meanwhile.
+                handshake_timeout=cfg.handshake_timeout + cfg.connect_timeout,
+                idle_timeout=cfg.idle_timeout,
+            )
             self._pulled_source = result.source
         else:
             super().load_weights(model, model_config)
@@ -185,12 +197,17 @@ class NetloaderModelLoader(DefaultModelLoader):
         from vllm.utils.network_utils import get_ip
 
         changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
+        cfg = self.config
         server = Server(
             snapshot,
             identity,
-            host=get_ip(),
-            listen_port=self.config.listen_port,
-            output_prefix=self.config.output_prefix,
+            host=cfg.listen_host or get_ip(),
+            listen_port=cfg.listen_port,
+            output_prefix=cfg.output_prefix,
+            token=self.token,
+            max_clients=cfg.max_clients,
+            handshake_timeout=cfg.handshake_timeout,
+            idle_timeout=cfg.idle_timeout,
         )
         if changed:
             server.unavailable = (

@@ -15,6 +15,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -64,7 +65,11 @@ class TcpTransport(Transport):
                 raise TimeoutError(f"client attached fewer than {out.streams} streams") from None
 
         _run_streams(
-            out.streams, attached, lambda s: _send_stream(s, out, next_chunk), out.cancelled
+            out.streams,
+            attached,
+            lambda s, mark: _send_stream(s, out, next_chunk, mark),
+            out.cancelled,
+            out.idle,
         )
 
     # --- client ---------------------------------------------------------------------------
@@ -85,8 +90,9 @@ class TcpTransport(Transport):
             _run_streams(
                 inc.streams,
                 lambda index: _attach(inc, index),
-                lambda s: _recv_stream(s, inc, claim),
+                lambda s, mark: _recv_stream(s, inc, claim, mark),
                 threading.Event(),
+                inc.idle,
             )
         except PullError:
             raise
@@ -106,7 +112,12 @@ class TcpTransport(Transport):
 # --- one stream ---------------------------------------------------------------------------
 
 
-def _send_stream(sock: socket.socket, out: Outgoing, next_chunk: Callable[[], int | None]) -> None:
+def _send_stream(
+    sock: socket.socket,
+    out: Outgoing,
+    next_chunk: Callable[[], int | None],
+    mark: Callable[[], None],
+) -> None:
     staging = Staging(out.snapshot.plan, out.snapshot.buffers)
     kernel_timeouts(sock, out.idle)
     while (index := next_chunk()) is not None:
@@ -119,10 +130,16 @@ def _send_stream(sock: socket.socket, out: Outgoing, next_chunk: Callable[[], in
             sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse("changed", str(exc))))
             raise
         send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
+        mark()
     sock.sendall(CHUNK_HEADER.pack(END))
 
 
-def _recv_stream(sock: socket.socket, inc: Incoming, claim: Callable[[int], None]) -> None:
+def _recv_stream(
+    sock: socket.socket,
+    inc: Incoming,
+    claim: Callable[[int], None],
+    mark: Callable[[], None],
+) -> None:
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
     header = bytearray(CHUNK_HEADER.size)
@@ -143,6 +160,7 @@ def _recv_stream(sock: socket.socket, inc: Incoming, claim: Callable[[int], None
         inc.verify(index, views)
         staging.store(index)
         inc.advance(inc.plan.chunk_bytes(index))
+        mark()
 
 
 def _attach(inc: Incoming, index: int) -> socket.socket:
@@ -161,48 +179,65 @@ def _attach(inc: Incoming, index: int) -> socket.socket:
 def _run_streams(
     count: int,
     open_stream: Callable[[int], socket.socket],
-    work: Callable[[socket.socket], None],
+    work: Callable[[socket.socket, Callable[[], None]], None],
     cancelled: threading.Event,
+    idle: float,
 ) -> None:
-    """Open ``count`` streams and run ``work`` on each, all in parallel (each starts as soon as
-    its own connection is ready). On the first failure every stream is stopped and that failure
-    re-raised. All sockets are closed on return."""
+    """Open ``count`` streams and run ``work(sock, mark)`` on each in its own thread, each
+    starting as soon as its own connection is ready. ``work`` calls ``mark()`` after every
+    chunk; this thread watches those marks and stops everything when a stream completes no
+    chunk for ``idle`` seconds: a peer trickling a byte at a time is dropped like a silent one.
+    On the first failure every stream is stopped and that failure re-raised. All sockets are
+    closed on return."""
     errors: list[BaseException] = []
     socks: list[socket.socket] = []
+    marks = [time.monotonic()] * count
     lock = threading.Lock()
 
+    def stop_all(exc: BaseException) -> None:
+        errors.append(exc)
+        cancelled.set()
+        with lock:
+            for s in socks:  # unblock the other streams at once
+                _shutdown(s)
+
     def run(index: int) -> None:
+        def mark() -> None:
+            marks[index] = time.monotonic()
+
         try:
             sock = open_stream(index)
             with lock:
                 socks.append(sock)
                 if cancelled.is_set():
                     _shutdown(sock)
-            work(sock)
+            mark()
+            work(sock, mark)
         except BaseException as exc:
-            errors.append(exc)
-            cancelled.set()
-            with lock:
-                for s in socks:  # unblock the other streams at once
-                    _shutdown(s)
+            stop_all(exc)
 
     threads = [
         threading.Thread(target=run, args=(i,), name="netloader-stream", daemon=True)
-        for i in range(1, count)
+        for i in range(count)
     ]
     try:
         for t in threads:
             t.start()
-        run(0)
-        for t in threads:
-            t.join()
+        while running := [t for t in threads if t.is_alive()]:
+            running[0].join(timeout=min(0.5, idle / 4))
+            now = time.monotonic()
+            stale = [i for i, t in enumerate(threads) if t.is_alive() and now - marks[i] > idle]
+            if stale and not cancelled.is_set():
+                stop_all(TimeoutError(f"no chunk completed for {idle:g} s"))
     finally:
         for s in socks:
             _close(s)
     if errors:
         # Prefer the error that explains the stop over the closures it caused in other streams.
         for exc in errors:
-            if isinstance(exc, Refused | IntegrityError | TensorsChanged | ProtocolError):
+            if isinstance(
+                exc, Refused | IntegrityError | TensorsChanged | ProtocolError | TimeoutError
+            ):
                 raise exc
         raise errors[0]
 
