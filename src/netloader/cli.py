@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="concurrent transfers"
     )
     serve.add_argument(
+        "--verify-before-send",
+        action="store_true",
+        help="hash every chunk again just before sending it (refuse tensors changed since load)",
+    )
+    serve.add_argument(
         "--max-waiting",
         type=int,
         default=DEFAULT_MAX_WAITING,
@@ -188,6 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=token,
         max_clients=args.max_clients,
         max_waiting=args.max_waiting,
+        verify_before_send=args.verify_before_send,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
     )

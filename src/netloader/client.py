@@ -22,6 +22,7 @@ from netloader import auth
 from netloader.errors import (
     AllSourcesFailed,
     ConfigError,
+    IntegrityError,
     PeerClosed,
     ProtocolError,
     PullError,
@@ -341,7 +342,8 @@ class _Attempt:
             return result
         except PullError as exc:
             exc.partial = exc.partial or (inc is not None and inc.wrote)
-            _try(channel, Done(False, str(exc)[:1000]))
+            code = "integrity" if isinstance(exc, IntegrityError) else ""
+            _try(channel, Done(False, str(exc)[:1000], code))
             raise
         finally:
             channel.sock.close()

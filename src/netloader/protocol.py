@@ -303,10 +303,12 @@ class Done(Message):
     kind: ClassVar[str] = "done"
     ok: bool
     reason: str = ""
+    #: "integrity" when received bytes did not match the digests: the server re-checks itself.
+    code: str = ""
 
     @classmethod
     def from_json(cls, o: dict) -> Done:
-        return cls(_field(o, "ok", bool), _text(o, "reason"))
+        return cls(_field(o, "ok", bool), _text(o, "reason"), _text(o, "code", 64))
 
 
 MESSAGES: dict[str, type[Message]] = {

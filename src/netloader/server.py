@@ -370,6 +370,18 @@ class Server:
         finally:
             self._slots.release()
 
+    def _recheck(self) -> None:
+        """A client received bytes that do not match the digests: hash every served tensor
+        again; if any changed since capture, refuse every later pull."""
+        changed = self.snapshot.changed()
+        if changed:
+            self.unavailable = (
+                f"{len(changed)} served tensor(s) changed since capture, e.g. {changed[0]!r}"
+            )
+            log.error("refusing all further pulls: %s", self.unavailable)
+        else:
+            log.warning("served tensors still match their digests: the corruption was in transit")
+
     def _wait_for_slot(self, deadline: float) -> str | None:
         """Queue for a transfer slot until the handshake deadline; None once one is held,
         otherwise why not."""
@@ -408,6 +420,7 @@ class Server:
             self.host,
             self.idle_timeout,
             verify=self.verify_before_send,
+            control=channel.sock,
         )
         with self._lock:
             self._sessions[session] = out
@@ -459,6 +472,8 @@ class Server:
                 )
             else:
                 log.warning("client %s reported a failed transfer: %s", peer, done.reason)
+                if done.code == "integrity":
+                    self._recheck()
         finally:
             out.cancelled.set()
             with self._lock:

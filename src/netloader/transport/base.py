@@ -8,6 +8,7 @@ session's thread, the client calls ``receive``. Both sides see the same ``Plan``
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import threading
 from abc import ABC, abstractmethod
@@ -43,6 +44,18 @@ class Outgoing:
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: Re-hash each chunk just before sending it and refuse if it changed since capture.
     verify: bool = True
+    #: The session's control connection, watched for a client that went away early.
+    control: socket.socket | None = None
+
+    def client_gone(self) -> bool:
+        """True once the client closed its control connection (checked without blocking)."""
+        if self.control is None:
+            return False
+        try:
+            readable, _, _ = select.select([self.control], [], [], 0)
+            return bool(readable) and self.control.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def check(self, index: int, views: list[memoryview]) -> None:
         expected = self.snapshot.digests
@@ -113,13 +126,16 @@ class Transport(ABC):
 class Staging:
     """Host views of a chunk's pieces, through a bounce buffer for tensors not in host memory.
 
-    Host tensors are read and written in place; device pieces are copied through one reusable
-    chunk-sized host buffer (pinned when CUDA is present), so no full-size host copy exists.
+    Host tensors are read and written in place (a memoryview per tensor is made once, pieces
+    are slices of it); device pieces are copied through one reusable chunk-sized host buffer
+    (pinned when CUDA is present), so no full-size host copy exists.
     """
 
     def __init__(self, plan: Plan, buffers: list[torch.Tensor]):
         self.plan = plan
         self.buffers = buffers
+        self.host = [host_view(b) if b.device.type == "cpu" else None for b in buffers]
+        self.on_device = any(h is None for h in self.host)
         self.bounce: torch.Tensor | None = None
 
     def _bounce(self) -> torch.Tensor:
@@ -133,22 +149,23 @@ class Staging:
         out = []
         offset = 0
         for slot, start, stop in self.plan.pieces(index):
-            src = self.buffers[slot][start:stop]
-            if src.device.type == "cpu":
-                out.append(host_view(src))
+            view = self.host[slot]
+            if view is not None:
+                out.append(view[start:stop])
             else:
                 part = self._bounce()[offset : offset + stop - start]
                 if load:
-                    part.copy_(src)
+                    part.copy_(self.buffers[slot][start:stop])
                 out.append(host_view(part))
             offset += stop - start
         return out
 
     def store(self, index: int) -> None:
         """After a receive: copy bounce space of chunk ``index`` to its device pieces."""
+        if not self.on_device:
+            return
         offset = 0
         for slot, start, stop in self.plan.pieces(index):
-            dst = self.buffers[slot][start:stop]
-            if dst.device.type != "cpu":
-                dst.copy_(self._bounce()[offset : offset + stop - start])
+            if self.host[slot] is None:
+                self.buffers[slot][start:stop].copy_(self._bounce()[offset : offset + stop - start])
             offset += stop - start

@@ -58,11 +58,18 @@ class TcpTransport(Transport):
             return index if index < out.snapshot.plan.num_chunks else None
 
         def attached(index: int) -> socket.socket:
-            # Data connections arrive through the listener; each starts sending at once.
-            try:
-                return out.sockets.get(timeout=out.idle)
-            except queue.Empty:
-                raise TimeoutError(f"client attached fewer than {out.streams} streams") from None
+            # Data connections arrive through the listener; each starts sending at once. A client
+            # that dies before attaching them all must not hold its slot for the idle limit.
+            deadline = time.monotonic() + out.idle
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    return out.sockets.get(timeout=min(left, 0.25))
+                except queue.Empty:
+                    if out.client_gone() or out.cancelled.is_set():
+                        raise ConnectionResetError(
+                            "client left before attaching its streams"
+                        ) from None
+            raise TimeoutError(f"client attached fewer than {out.streams} streams")
 
         _run_streams(
             out.streams,
