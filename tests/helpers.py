@@ -222,3 +222,61 @@ class Proxy:
     def close(self) -> None:
         self.close_all()
         self.listener.close()
+
+
+def in_process_server(
+    tensors: dict[str, torch.Tensor], identity: Identity | None = None, **kwargs: Any
+) -> Server:
+    return Server(tensors, identity or Identity("test-model"), **kwargs).start()
+
+
+class RawClient:
+    """Speaks the control protocol by hand, to misbehave on purpose."""
+
+    def __init__(self, address: str, rcvbuf: int | None = None):
+        import socket
+
+        from netloader.protocol import Channel, Hello
+
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect((host, int(port)))
+        self.channel = Channel(self.sock, 10.0)
+        self.hello = self.channel.recv(Hello)
+        self.address = address
+
+    def request_pull(self, identity: Identity, streams: int = 1) -> Any:
+        from netloader.protocol import PROTOCOL_VERSION, Accept, PullRequest, Refuse
+
+        nonce = os.urandom(16).hex()
+        self.channel.send(PullRequest(PROTOCOL_VERSION, identity, None, ["tcp"], streams, nonce))
+        return self.channel.recv(Accept, Refuse)
+
+    def attach(self, session: str, index: int = 0, rcvbuf: int | None = None) -> Any:
+        import socket
+
+        from netloader.protocol import Channel, Hello, StreamAttach
+
+        host, port = self.address.rsplit(":", 1)
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect((host, int(port)))
+        channel = Channel(sock, 10.0)
+        channel.recv(Hello)
+        channel.send(StreamAttach(session, index))
+        return sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def big_cases(seed: int = 0) -> dict[str, torch.Tensor]:
+    """64 MiB in 16 tensors: more than loopback socket buffers hold."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        f"w{i}": torch.randint(0, 256, (4 << 20,), generator=gen, dtype=torch.uint8)
+        for i in range(16)
+    }

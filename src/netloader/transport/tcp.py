@@ -103,8 +103,8 @@ class TcpTransport(Transport):
             )
         except PullError:
             raise
-        except TimeoutError:
-            raise TransferTimeout(f"no data for {inc.idle:g} s", partial=inc.wrote) from None
+        except TimeoutError as exc:
+            raise TransferTimeout(f"transfer stalled: {exc}", partial=inc.wrote) from None
         except (ConnectionError, OSError) as exc:
             raise PeerClosed(f"data connection lost: {exc}", partial=inc.wrote) from None
         except ProtocolError as exc:
@@ -286,7 +286,7 @@ def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
         if batch:
             _sendmsg_all(sock, batch, 0)
     except BlockingIOError:
-        raise TimeoutError("peer stopped reading") from None
+        raise TimeoutError("peer read nothing within the idle limit") from None
 
 
 def recv_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
@@ -309,7 +309,7 @@ def recv_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
         if batch:
             _recvmsg_all(sock, batch)
     except BlockingIOError:
-        raise TimeoutError("peer stopped sending") from None
+        raise TimeoutError("peer sent nothing within the idle limit") from None
 
 
 def _sendmsg_all(sock: socket.socket, bufs: list[memoryview], flags: int) -> None:
