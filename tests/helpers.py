@@ -154,10 +154,12 @@ class Proxy:
     """A TCP relay on 127.0.0.1 in front of ``target`` that can tamper with server->client bytes.
 
     ``tamper(offset, data)`` gets each piece the server sends (``offset``: bytes relayed so far
-    on all connections) and returns the bytes to forward, or None to cut every connection.
+    on all connections) and returns the bytes to forward, or None to cut every connection. With
+    ``per_connection=True`` it is called as ``tamper(connection_index, offset_in_it, data)``
+    (connections numbered in the order they were accepted).
     """
 
-    def __init__(self, target: str, tamper: Any = None):
+    def __init__(self, target: str, tamper: Any = None, per_connection: bool = False):
         import socket
 
         host, port = target.rsplit(":", 1)
@@ -166,6 +168,8 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.relayed = 0
+        self.per_connection = per_connection
+        self.connections = 0
         self.lock = threading.Lock()
         self.socks: list = []
         self.cut = threading.Event()
@@ -185,17 +189,24 @@ class Proxy:
             server = socket.create_connection(self.target)
             with self.lock:
                 self.socks += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+                index = self.connections
+                self.connections += 1
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, index), daemon=True).start()
 
-    def _pipe(self, src: Any, dst: Any, downstream: bool) -> None:
+    def _pipe(self, src: Any, dst: Any, downstream: int | None) -> None:
+        seen = 0
         try:
             while data := src.recv(1 << 16):
-                if downstream:
+                if downstream is not None:
                     with self.lock:
                         offset = self.relayed
                         self.relayed += len(data)
-                    data = self.tamper(offset, data)
+                    if self.per_connection:
+                        data = self.tamper(downstream, seen, data)
+                    else:
+                        data = self.tamper(offset, data)
+                    seen += len(data or b"")
                     if data is None:
                         self.close_all()
                         return

@@ -97,9 +97,9 @@ class StallingServer:
     """Speaks the protocol up to the data plane, then sends ``prefix`` bytes of the first
     chunk at ``delay`` seconds per byte (0 = all at once) and stops."""
 
-    def __init__(self, tensors, prefix: int, delay: float = 0.0):
+    def __init__(self, tensors, prefix: int, delay: float = 0.0, claims_auth: bool = False):
         self.snapshot = Snapshot(tensors, chunk_size=64 << 10)
-        self.prefix, self.delay = prefix, delay
+        self.prefix, self.delay, self.claims_auth = prefix, delay, claims_auth
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.socks = []
@@ -108,13 +108,27 @@ class StallingServer:
     def _run(self) -> None:
         control, _ = self.listener.accept()
         ch = Channel(control, 10)
-        ch.send(Hello(PROTOCOL_VERSION, "00" * 16, False))
+        ch.send(Hello(PROTOCOL_VERSION, "00" * 16, self.claims_auth))
         ch.recv(PullRequest)
         s = self.snapshot
+        proof = "ab" * 32 if self.claims_auth else None  # an impostor cannot do better
         ch.send(
-            Accept("11" * 16, IDENT, s.manifest, s.aliases, "tcp", 1, s.plan.chunk_size, s.digests)
+            Accept(
+                "11" * 16,
+                IDENT,
+                s.manifest,
+                s.aliases,
+                "tcp",
+                1,
+                s.plan.chunk_size,
+                s.digests,
+                mac=proof,
+            )
         )
-        data, _ = self.listener.accept()
+        try:
+            data, _ = self.listener.accept()
+        except OSError:
+            return  # closed: the client gave up before opening its data connection
         self.socks += [control, data]
         dch = Channel(data, 10)
         dch.send(Hello(PROTOCOL_VERSION, "00" * 16, False))

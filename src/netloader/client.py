@@ -321,7 +321,10 @@ class _Attempt:
                 progress,
             )
             start = time.perf_counter()
-            TRANSPORTS[accept.transport]().receive(inc)
+            try:
+                TRANSPORTS[accept.transport]().receive(inc)
+            except (PeerClosed, TransferTimeout) as exc:
+                raise _explained(channel, exc) from None
             _finish(ordered, accept.aliases, scratch)
             seconds = time.perf_counter() - start
             _try(channel, Done(True))
@@ -344,6 +347,8 @@ class _Attempt:
             exc.partial = exc.partial or (inc is not None and inc.wrote)
             code = "integrity" if isinstance(exc, IntegrityError) else ""
             _try(channel, Done(False, str(exc)[:1000], code))
+            if code:  # let the server act on it (re-check itself) before anyone pulls again
+                _wait_closed(channel.sock, 10.0)
             raise
         finally:
             channel.sock.close()
@@ -425,6 +430,24 @@ def _finish(
             dst, src = ordered[i], ordered[j]
             if not (dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride()):
                 dst.copy_(src)
+
+
+def _explained(channel: Channel, exc: PullError) -> PullError:
+    """When the data plane breaks, the server may have said why on the control connection."""
+    try:
+        msg = channel.recv(Refuse, deadline=time.monotonic() + 1.0)
+    except (OSError, ProtocolError):
+        return exc
+    assert isinstance(msg, Refuse)
+    return Refused(f"refused: {msg.reason}", code=msg.code, partial=exc.partial)
+
+
+def _wait_closed(sock: socket.socket, limit: float) -> None:
+    """Read and discard until the peer closes the connection, at most ``limit`` seconds."""
+    sock.settimeout(limit)
+    with contextlib.suppress(OSError):
+        while sock.recv(4096):
+            pass
 
 
 def _try(channel: Channel, msg: Done) -> None:

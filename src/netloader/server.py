@@ -42,7 +42,7 @@ from netloader.protocol import (
     Refuse,
     StreamAttach,
 )
-from netloader.tensors import DEFAULT_CHUNK, Snapshot
+from netloader.tensors import DEFAULT_CHUNK, Snapshot, describe_changed
 from netloader.transport import TRANSPORTS, Outgoing, TensorsChanged
 from netloader.transport.tcp import tune
 
@@ -370,14 +370,26 @@ class Server:
         finally:
             self._slots.release()
 
+    def _hear_why(self, channel: Channel, peer: str) -> None:
+        """After a broken transfer the client may still say why (e.g. a digest mismatch)."""
+        try:
+            done = channel.recv(Done, deadline=time.monotonic() + 2.0)
+        except (OSError, ProtocolError):
+            return
+        assert isinstance(done, Done)
+        self._failed(peer, done)
+
+    def _failed(self, peer: str, done: Done) -> None:
+        log.warning("client %s reported a failed transfer: %s", peer, done.reason)
+        if done.code == "integrity":
+            self._recheck()
+
     def _recheck(self) -> None:
         """A client received bytes that do not match the digests: hash every served tensor
         again; if any changed since capture, refuse every later pull."""
         changed = self.snapshot.changed()
         if changed:
-            self.unavailable = (
-                f"{len(changed)} served tensor(s) changed since capture, e.g. {changed[0]!r}"
-            )
+            self.unavailable = describe_changed(changed)
             log.error("refusing all further pulls: %s", self.unavailable)
         else:
             log.warning("served tensors still match their digests: the corruption was in transit")
@@ -449,10 +461,12 @@ class Server:
             except TensorsChanged as exc:
                 self.unavailable = str(exc)
                 log.error("stopped sending to %s and refusing further pulls: %s", peer, exc)
-                return
+                _try_send(channel.sock, Refuse("changed", str(exc)))  # the why, whichever
+                return  # stream the client notices first
             except (OSError, RuntimeError, NetloaderError) as exc:
                 if not self._closing.is_set():
                     log.warning("transfer to %s failed: %s", peer, exc or type(exc).__name__)
+                    self._hear_why(channel, peer)
                 return
             done = channel.recv(Done, deadline=time.monotonic() + self.idle_timeout)
             assert isinstance(done, Done)
@@ -471,9 +485,7 @@ class Server:
                     streams,
                 )
             else:
-                log.warning("client %s reported a failed transfer: %s", peer, done.reason)
-                if done.code == "integrity":
-                    self._recheck()
+                self._failed(peer, done)
         finally:
             out.cancelled.set()
             with self._lock:

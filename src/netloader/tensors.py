@@ -101,7 +101,9 @@ class Snapshot:
             return list(pool.map(self.chunk_digest, range(self.plan.num_chunks)))
 
     def changed(self) -> list[str]:
-        """Names of tensors whose bytes differ from capture (empty without digests)."""
+        """Names of the tensors in chunks whose bytes differ from capture (empty without
+        digests). Digests are per chunk, so a tensor that shares a chunk with a changed one is
+        listed too."""
         if self.digests is None:
             return []
         fresh = self.compute_digests()
@@ -112,6 +114,12 @@ class Snapshot:
                 for piece in self.plan.pieces(index):
                     bad[names[piece.slot]] = None
         return list(bad)
+
+
+def describe_changed(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"data changed since capture in chunks holding {len(names)} tensor(s): {shown}{more}"
 
 
 def _hash_threads() -> int:

@@ -36,7 +36,7 @@ from netloader.config import NetloaderConfig
 from netloader.errors import PullError
 from netloader.identity import Identity
 from netloader.server import Server
-from netloader.tensors import Snapshot
+from netloader.tensors import Snapshot, describe_changed
 
 LOAD_FORMAT = "netloader"
 log = init_logger("vllm.netloader")
@@ -211,8 +211,8 @@ class NetloaderModelLoader(DefaultModelLoader):
         )
         if changed:
             server.unavailable = (
-                f"{len(changed)} tensor(s) changed after loading (vLLM post-processing rewrote "
-                f"them in place, e.g. {changed[0]!r}); set INT8_CACHE to keep pristine copies"
+                f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "
+                "set INT8_CACHE to keep pristine copies"
             )
             log.warning(
                 "netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable

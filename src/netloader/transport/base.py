@@ -21,7 +21,7 @@ import torch
 from netloader.digest import digest
 from netloader.errors import IntegrityError, NetloaderError
 from netloader.plan import Plan
-from netloader.tensors import Snapshot, host_view
+from netloader.tensors import Snapshot, describe_changed, host_view
 
 
 class TensorsChanged(NetloaderError):
@@ -60,13 +60,9 @@ class Outgoing:
     def check(self, index: int, views: list[memoryview]) -> None:
         expected = self.snapshot.digests
         if self.verify and expected is not None and digest(views) != expected[index]:
-            names = sorted(
-                {
-                    self.snapshot.manifest.specs[p.slot].name
-                    for p in self.snapshot.plan.pieces(index)
-                }
-            )
-            raise TensorsChanged(f"tensor(s) changed since the server captured them: {names[:3]}")
+            specs = self.snapshot.manifest.specs
+            names = [specs[p.slot].name for p in self.snapshot.plan.pieces(index)]
+            raise TensorsChanged(describe_changed(names))
 
 
 @dataclass
