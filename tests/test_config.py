@@ -37,6 +37,22 @@ def test_full_config():
     assert cfg.output_prefix == "/tmp/addr_"
 
 
+def test_limits_and_security_keys():
+    cfg = NetloaderConfig.parse(
+        {
+            "TOKEN_FILE": "/etc/netloader/token",
+            "LISTEN_HOST": "0.0.0.0",
+            "MAX_CLIENTS": 8,
+            "CONNECT_TIMEOUT": 2,
+            "HANDSHAKE_TIMEOUT": 10.5,
+            "IDLE_TIMEOUT": 60,
+        }
+    )
+    assert cfg.token_file == "/etc/netloader/token"
+    assert (cfg.listen_host, cfg.max_clients) == ("0.0.0.0", 8)
+    assert (cfg.connect_timeout, cfg.handshake_timeout, cfg.idle_timeout) == (2, 10.5, 60)
+
+
 def test_out_of_range_port_is_accepted_here():
     """A port outside 1024..65535 means "no listener" (warned at start), not a config error."""
     assert NetloaderConfig.parse({"LISTEN_PORT": 80}).listen_port == 80
@@ -91,6 +107,13 @@ def test_config_file_wins(tmp_path):
         ({"OUTPUT_PREFIX": ["a"]}, ["OUTPUT_PREFIX must be a non-empty string"]),
         ({"CONFIG_FILE": 5}, ["CONFIG_FILE must be a path string, got 5"]),
         ({"CONFIG_FILE": "/nonexistent/nl.json"}, ["'/nonexistent/nl.json' cannot be read"]),
+        ({"TOKEN_FILE": 1}, ["TOKEN_FILE must be a non-empty string, got 1"]),
+        ({"LISTEN_HOST": ""}, ["LISTEN_HOST must be a non-empty string"]),
+        ({"MAX_CLIENTS": 0}, ["MAX_CLIENTS must be a positive integer, got 0"]),
+        ({"MAX_CLIENTS": 2.5}, ["MAX_CLIENTS must be a positive integer, got 2.5"]),
+        ({"IDLE_TIMEOUT": -1}, ["IDLE_TIMEOUT must be a positive number of seconds, got -1"]),
+        ({"CONNECT_TIMEOUT": "5"}, ["CONNECT_TIMEOUT must be a positive number of seconds"]),
+        ({"HANDSHAKE_TIMEOUT": True}, ["HANDSHAKE_TIMEOUT must be a positive number"]),
     ],
 )
 def test_bad_values(extra, fragments):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 from helpers import Proxy
@@ -141,23 +142,35 @@ def test_fallback_when_model_differs(model, logs, seed, plain):
 
 
 @pytest.fixture(scope="module")
-def seed_tp2(model, logs):
+def token_file(logs):
+    path = logs / "token"
+    path.write_text("tp2-shared-secret-0123456789\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def seed_tp2(model, logs, token_file):
+    """TP2 seed that requires a token (TOKEN_FILE): its peers below must present it."""
     prefix = logs / "seed2_"
-    inst = client(model, logs, "seed_tp2", {"OUTPUT_PREFIX": str(prefix)}, tp=2, hold=True)
+    extra = {"OUTPUT_PREFIX": str(prefix), "TOKEN_FILE": token_file}
+    inst = client(model, logs, "seed_tp2", extra, tp=2, hold=True)
     inst.result = inst.outputs()
     inst.addresses = [read_address(prefix, r) for r in (0, 1)]
     yield inst
     inst.stop()
 
 
-def test_tp2_each_rank_pulls_from_matching_seed_rank(model, logs, seed_tp2):
+def test_tp2_each_rank_pulls_from_matching_seed_rank(model, logs, seed_tp2, token_file):
     sources = [source(seed_tp2.addresses[r], device_id=r) for r in (0, 1)]
-    inst = client(model, logs, "client_tp2", {"SOURCE": sources}, tp=2)
+    inst = client(model, logs, "client_tp2", {"SOURCE": sources, "TOKEN_FILE": token_file}, tp=2)
     outputs = inst.outputs()
     inst.stop()
     pulled = {int(m.group(1)): m.group(2) for m in PEER.finditer(inst.log())}
     assert pulled == {0: seed_tp2.addresses[0], 1: seed_tp2.addresses[1]}, inst.log()[-4000:]
     assert outputs == seed_tp2.result
+    secret = Path(token_file).read_text().strip()
+    assert secret not in inst.log() and secret not in seed_tp2.log()
+    assert "without a token" not in seed_tp2.log()
 
 
 def test_tp2_seed_matches_plain_loader(seed_tp2, plain):
@@ -166,8 +179,9 @@ def test_tp2_seed_matches_plain_loader(seed_tp2, plain):
     assert seed_tp2.result == plain
 
 
-def test_fallback_when_tensor_parallel_size_differs(model, logs, seed_tp2, plain):
-    inst = client(model, logs, "tp_differs", {"SOURCE": [source(seed_tp2.addresses[0])]})
+def test_fallback_when_tensor_parallel_size_differs(model, logs, seed_tp2, plain, token_file):
+    extra = {"SOURCE": [source(seed_tp2.addresses[0])], "TOKEN_FILE": token_file}
+    inst = client(model, logs, "tp_differs", extra)
     expect_fallback(inst, plain, "parallel layout differs", "tp=2", "tp=1")
 
 
