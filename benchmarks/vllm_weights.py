@@ -27,6 +27,7 @@ from netloader.synthetic import tiny_llama
 
 # About 284 M parameters: 1.13 GB in float32. Head dim 64 (the CPU attention kernels need it).
 MODEL = {"hidden": 1536, "layers": 10, "intermediate": 4096, "heads": 24, "vocab": 512}
+SMOKE = {"hidden": 256, "layers": 2, "intermediate": 512, "heads": 4, "vocab": 512}
 
 
 def weights_phase(inst: OfflineInstance) -> tuple[str, float, float]:
@@ -49,14 +50,16 @@ def main() -> int:
         help="VLLM_CPU_OMP_THREADS_BIND for every instance (default: vLLM's own, 'auto')",
     )
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script runs")
     args = parser.parse_args()
+    shape = SMOKE if args.smoke else MODEL
     if args.omp_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.omp_bind
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="netloader-vllm-bench-") as tmp:
         work = Path(tmp)
-        print(f"generating a Llama {MODEL} ...", flush=True)
-        model = tiny_llama(work / "llama", **MODEL)
+        print(f"generating a Llama {shape} ...", flush=True)
+        model = tiny_llama(work / "llama", **shape)
         size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         print(f"  {size / 1e9:.2f} GB of safetensors", flush=True)
 

@@ -147,16 +147,21 @@ class NetloaderModelLoader(DefaultModelLoader):
             if meta:
                 raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
             cfg = self.config
-            result = pull(
-                self._pull_from,
-                self._identity,
-                into=tensors,
-                token=self.token,
-                connect_timeout=cfg.connect_timeout,
-                # The client's clock also covers connecting; the server may queue it meanwhile.
-                handshake_timeout=cfg.handshake_timeout + cfg.connect_timeout,
-                idle_timeout=cfg.idle_timeout,
-            )
+            try:
+                result = pull(
+                    self._pull_from,
+                    self._identity,
+                    into=tensors,
+                    token=self.token,
+                    connect_timeout=cfg.connect_timeout,
+                    # The client's clock also covers connecting; the server may queue it.
+                    handshake_timeout=cfg.handshake_timeout + cfg.connect_timeout,
+                    idle_timeout=cfg.idle_timeout,
+                )
+            except PullError:
+                raise
+            except Exception as exc:  # a netloader bug must cost a fallback, not the instance
+                raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
             self._pulled_source = result.source
         else:
             super().load_weights(model, model_config)

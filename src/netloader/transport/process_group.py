@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from netloader.errors import PeerClosed, ProtocolError, TransferTimeout
+from netloader.errors import PeerClosed, PullError, TransferTimeout
 from netloader.transport.base import Incoming, Outgoing, Staging, Transport
 
 SERVER_RANK, CLIENT_RANK = 0, 1
@@ -76,7 +76,7 @@ class ProcessGroupTransport(Transport):
     def receive(self, inc: Incoming) -> None:
         port = inc.offer.get("store_port")
         if type(port) is not int or not 0 < port < 65536:
-            raise ProtocolError("accept names no valid store_port for the process-group transport")
+            raise PullError("server's accept names no valid store_port for the process group")
         try:
             store = dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle))
             group = self._group(

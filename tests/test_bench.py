@@ -1,0 +1,59 @@
+"""Smoke tests of the benchmarks (tiny payloads), so they do not rot. No timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+NETLOADER = str(Path(sys.executable).with_name("netloader"))
+
+
+def test_netloader_bench_small(tmp_path):
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [NETLOADER, "bench", "--size", "8MiB", "--repeats", "1", "--json", out, "--plot", chart],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names[:2] == ["netloader", "netloader, no digests"]
+    assert {"gloo per tensor", "safetensors, warm cache"} <= set(names)
+    for row in report["rows"]:
+        if row["seconds"]:  # the cold row may be skipped where caches cannot be dropped
+            assert row["gbps"] > 0 and row["peak_mib"]
+    assert report["rows"][0]["netloader_ratio"] == 1.0
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "netloader is" in proc.stdout and "machine:" in proc.stdout
+
+
+def test_bench_rejects_bad_sizes():
+    proc = subprocess.run([NETLOADER, "bench", "--size", "lots"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'lots' is not a size like 1GiB or 256MiB" in proc.stderr
+
+
+@pytest.mark.skipif(
+    os.environ.get("NETLOADER_REQUIRE_VLLM") != "1"
+    and not __import__("importlib").util.find_spec("vllm"),
+    reason="vLLM is not installed (make test installs it)",
+)
+def test_vllm_weights_bench_smoke(tmp_path):
+    out = tmp_path / "vllm.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "vllm_weights.py"), "--smoke", "--rounds", "1",
+         "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {"peer", "storage, warm cache"} <= set(rows)
+    assert all(r["median_s"] > 0 for r in rows.values())
