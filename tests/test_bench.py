@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks (tiny payloads), so they do not rot. No timing is asserted."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,9 +41,8 @@ def test_bench_rejects_bad_sizes():
 
 
 @pytest.mark.skipif(
-    os.environ.get("NETLOADER_REQUIRE_VLLM") != "1"
-    and not __import__("importlib").util.find_spec("vllm"),
-    reason="vLLM is not installed (make test installs it)",
+    os.environ.get("NETLOADER_REQUIRE_VLLM") != "1" and importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (make test installs it); CI requires it",
 )
 def test_vllm_weights_bench_smoke(tmp_path):
     out = tmp_path / "vllm.json"
