@@ -150,6 +150,18 @@ class ServerProcess:
         self.kill()
 
 
+def kill_after(nbytes: int, kill: Any) -> Any:
+    """A Proxy tamper function: once ``nbytes`` went through, call ``kill()`` and cut."""
+
+    def tamper(offset: int, data: bytes) -> bytes | None:
+        if offset > nbytes:
+            kill()
+            return None
+        return data
+
+    return tamper
+
+
 class Proxy:
     """A TCP relay on 127.0.0.1 in front of ``target`` that can tamper with server->client bytes.
 

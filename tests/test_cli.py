@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Proxy, assert_same
+from helpers import Proxy, assert_same, kill_after
 from safetensors.torch import load_file, save_file
 
 from netloader.synthetic import llm_like
@@ -140,13 +140,7 @@ def test_server_killed_mid_transfer_leaves_no_file(tmp_path):
     save_file({"w": torch.ones(20 << 20, dtype=torch.uint8)}, folder / "model.safetensors")
     srv = Serve(folder)
 
-    def kill_after_1mb(offset, data):
-        if offset > 1 << 20:
-            os.kill(srv.proc.pid, signal.SIGKILL)
-            return None
-        return data
-
-    proxy = Proxy(srv.address, kill_after_1mb)
+    proxy = Proxy(srv.address, kill_after(1 << 20, lambda: os.kill(srv.proc.pid, signal.SIGKILL)))
     out = tmp_path / "out"
     proc = run("pull", proxy.address, "--out", out, "--idle-timeout", "5", check=False)
     proxy.close()

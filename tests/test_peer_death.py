@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import Proxy, ServerProcess, assert_same, big_cases, in_process_server
+from helpers import Proxy, ServerProcess, assert_same, big_cases, in_process_server, kill_after
 
 from netloader import Identity, PeerClosed, pull
 
@@ -80,14 +80,7 @@ def test_twenty_clients_killed_mid_transfer_leak_nothing(caplog):
 
 def test_server_killed_mid_transfer():
     with ServerProcess(builder="helpers:big_cases") as srv:
-
-        def kill_after_1mb(offset, data):
-            if offset > 1 << 20:
-                srv.kill()
-                return None
-            return data
-
-        proxy = Proxy(srv.address, kill_after_1mb)
+        proxy = Proxy(srv.address, kill_after(1 << 20, srv.kill))
         start = time.monotonic()
         try:
             with pytest.raises(PeerClosed) as info:

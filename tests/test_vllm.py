@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import Proxy
+from helpers import Proxy, kill_after
 
 from netloader.harness import ApiServer, OfflineInstance, free_port
 from netloader.synthetic import tiny_llama
@@ -195,13 +195,9 @@ def test_fallback_when_seed_killed_while_sending(model, logs, seed, plain):
     """A relay in front of the seed kills the whole seed instance (SIGKILL) once 1 MB of its
     answer went through: the client is mid-transfer, falls back, and still answers right."""
 
-    def kill_seed(offset, data):
-        if offset > 1 << 20:
-            os.killpg(seed.proc.pid, signal.SIGKILL)
-            return None
-        return data
-
-    proxy = Proxy(seed.address, kill_seed)
+    proxy = Proxy(
+        seed.address, kill_after(1 << 20, lambda: os.killpg(seed.proc.pid, signal.SIGKILL))
+    )
     inst = client(model, logs, "seed_killed", {"SOURCE": [source(proxy.address)]})
     try:
         expect_fallback(inst, plain, proxy.address)
