@@ -139,8 +139,11 @@ class ServerProcess:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGKILL)
+        """SIGKILL the server; safe to call again, from any thread (the relay may call it
+        from several connections at once)."""
+        with contextlib.suppress(ProcessLookupError):
+            if self.process.is_alive():
+                os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(10)
 
     def __exit__(self, *exc: object) -> None:

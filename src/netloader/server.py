@@ -310,10 +310,9 @@ class Server:
     def _attach(self, conn: socket.socket, peer: str, request: StreamAttach) -> bool:
         with self._lock:
             out = self._sessions.get(request.session)
-        if out is None or request.index >= out.streams:
-            log.warning("dropping %s: data connection for no open session", peer)
-            return False
-        with self._lock:
+            if out is None or request.index >= out.streams or len(out.attached) >= out.streams:
+                log.warning("dropping %s: data connection for no open stream of a session", peer)
+                return False
             out.attached.append(conn)
         out.sockets.put(conn)
         return True
