@@ -29,6 +29,7 @@ from netloader.errors import (
     Refused,
     SourceUnreachable,
     TransferTimeout,
+    check_seconds,
 )
 from netloader.identity import Identity
 from netloader.manifest import Manifest
@@ -123,7 +124,7 @@ def pull(
     streams = streams or default_streams()
     if not 1 <= streams <= 64:
         raise ConfigError(f"streams must be in 1..64, got {streams}")
-    _check_timeouts(
+    check_seconds(
         connect_timeout=connect_timeout,
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
@@ -169,7 +170,7 @@ def info(
 ) -> InfoReply:
     """What ``source`` serves (identity, tensor count, bytes), without moving weights."""
     host, port = parse_source(source)
-    _check_timeouts(connect_timeout=connect_timeout, timeout=timeout)
+    check_seconds(connect_timeout=connect_timeout, timeout=timeout)
     attempt = _Attempt(source, host, port, None, token, connect_timeout, timeout, timeout)
     try:
         return attempt.info()
@@ -366,12 +367,6 @@ class _Attempt:
             raise Refused(
                 f"server accepted a request it does not match: {problem[1]}", code=problem[0]
             )
-
-
-def _check_timeouts(**timeouts: float) -> None:
-    for name, value in timeouts.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:

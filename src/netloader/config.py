@@ -18,7 +18,7 @@ from netloader.client import (
     DEFAULT_IDLE_TIMEOUT,
     parse_source,
 )
-from netloader.errors import ConfigError
+from netloader.errors import ConfigError, check_seconds
 from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CLIENTS
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
@@ -177,10 +177,10 @@ def _positive(values: Mapping[str, Any], key: str, default: float, *, integer: b
     value = values.get(key)
     if value is None:
         return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        what = "a positive integer" if integer else "a positive number of seconds"
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    if not integer:
+        check_seconds(**{key: value})
+    elif type(value) is not int or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     return value
 
 

@@ -16,6 +16,13 @@ class ConfigError(NetloaderError, ValueError):
     """A user-supplied setting is invalid; the message names it and what is allowed."""
 
 
+def check_seconds(**values: object) -> None:
+    """Raise ConfigError unless every value is a positive number of seconds (bools are not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
 class ProtocolError(NetloaderError):
     """The peer sent something that is not valid netloader traffic."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from netloader import auth
-from netloader.errors import ConfigError, NetloaderError, ProtocolError
+from netloader.errors import ConfigError, NetloaderError, ProtocolError, check_seconds
 from netloader.identity import Identity
 from netloader.protocol import (
     PROTOCOL_VERSION,
@@ -44,7 +44,7 @@ from netloader.protocol import (
 )
 from netloader.tensors import DEFAULT_CHUNK, Snapshot, describe_changed
 from netloader.transport import TRANSPORTS, Outgoing, TensorsChanged
-from netloader.transport.tcp import tune
+from netloader.transport.tcp import shutdown, tune
 
 log = logging.getLogger("netloader.server")
 
@@ -90,12 +90,7 @@ class Server:
         ):
             if type(value) is not int or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, value in (
-            ("handshake_timeout", handshake_timeout),
-            ("idle_timeout", idle_timeout),
-        ):
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        check_seconds(handshake_timeout=handshake_timeout, idle_timeout=idle_timeout)
         self.snapshot = (
             tensors if isinstance(tensors, Snapshot) else Snapshot(tensors, chunk_size=chunk_size)
         )
@@ -174,14 +169,14 @@ class Server:
         """Stop listening, drop every connection and wait for the server's threads."""
         self._closing.set()
         if self._listener is not None:
-            _shutdown(self._listener)
+            shutdown(self._listener)
             self._listener.close()
         with self._lock:
             for out in self._sessions.values():
                 out.cancelled.set()
             conns = list(self._conns)
         for conn in conns:
-            _shutdown(conn)
+            shutdown(conn)
         for t in list(self._threads):
             if t is not threading.current_thread():
                 t.join(timeout=5)
@@ -528,8 +523,3 @@ def _fmt(peer: object) -> str:
 def _try_send(sock: socket.socket, msg: Refuse) -> None:
     with contextlib.suppress(OSError):
         Channel(sock, 1.0).send(msg)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)

@@ -3,8 +3,8 @@
 Every data stream is its own TCP connection to the server's one port; its first frame names the
 session. The server's stream threads take chunks from a shared counter (so a slow stream simply
 carries fewer chunks) and send each as an 8-byte header (the chunk index) followed by the
-chunk's bytes, gathered from the tensors with one ``sendmsg``. The client reads the header, then
-``recvmsg_into`` the destination tensors' own memory. Python never touches a weight byte.
+chunk's bytes, read straight from the tensors. The client reads the header, then the bytes
+straight into the destination tensors' own memory. Python never touches a weight byte.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ END = -1  # this stream carries no more chunks
 ERROR = -2  # a Refuse frame follows: the server stopped for a reason the client should know
 IOV_MAX = 512  # below the kernel's 1024 iovec limit
 LARGE = 256 << 10  # buffers at least this big get a system call of their own
-SOCKET_BUFFER = 4 << 20
 
 
 class TcpTransport(Transport):
@@ -206,7 +205,7 @@ def _run_streams(
         cancelled.set()
         with lock:
             for s in socks:  # unblock the other streams at once
-                _shutdown(s)
+                shutdown(s)
 
     def run(index: int) -> None:
         def mark() -> None:
@@ -217,7 +216,7 @@ def _run_streams(
             with lock:
                 socks.append(sock)
                 if cancelled.is_set():
-                    _shutdown(sock)
+                    shutdown(sock)
             mark()
             work(sock, mark)
         except BaseException as exc:
@@ -340,11 +339,12 @@ def _advance(bufs: list[memoryview], i: int, done: int) -> tuple[int, list[memor
     return i, bufs
 
 
-def _shutdown(sock: socket.socket) -> None:
+def shutdown(sock: socket.socket) -> None:
+    """Shut a socket down both ways, waking any thread blocked on it; errors ignored."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
 
 
 def _close(sock: socket.socket) -> None:
-    _shutdown(sock)
+    shutdown(sock)
     sock.close()
