@@ -59,8 +59,15 @@ def accepts(draw):
     n = len(manifest)
     aliases = {}
     if n >= 2:
+        specs = list(manifest.specs)
         for i in draw(st.lists(st.integers(1, n - 1), max_size=3, unique=True)):
-            aliases[i] = draw(st.integers(0, i - 1))
+            j = draw(st.integers(0, i - 1))
+            if (
+                j not in aliases and i not in aliases.values()
+            ):  # an alias is the same dtype and shape as a tensor that is not one
+                aliases[i] = j
+                specs[i] = TensorSpec(specs[i].name, specs[j].dtype, specs[j].shape)
+        manifest = Manifest(specs)
     return Accept(
         session=draw(hexes(16)),
         identity=draw(identities),
@@ -175,6 +182,28 @@ def test_manifest_rejects_unknown_dtype_and_bad_shapes():
     ):
         with pytest.raises(ProtocolError):
             Manifest.from_json(bad)
+
+
+def test_accept_refuses_aliases_a_client_could_not_honour():
+    manifest = Manifest(
+        [
+            TensorSpec("a", torch.float32, (2, 3)),
+            TensorSpec("b", torch.float32, (2, 3)),
+            TensorSpec("c", torch.float32, (3, 2)),
+            TensorSpec("d", torch.float32, (2, 3)),
+        ]
+    )
+    good = Accept(
+        "00" * 16, Identity("m", 0, 1, 1, 1), manifest, {1: 0, 3: 0}, "tcp", 1, 1 << 20, None
+    )
+    assert roundtrip(good) == good
+    for aliases, reason in (
+        ({2: 0}, "different dtype or shape"),  # a copy into a tensor of another shape
+        ({1: 0, 3: 1}, "itself an alias"),  # a chain, filled in an order the client cannot know
+    ):
+        bad = Accept("00" * 16, good.identity, manifest, aliases, "tcp", 1, 1 << 20, None)
+        with pytest.raises(ProtocolError, match=reason):
+            roundtrip(bad)
 
 
 def test_manifest_of_tensors():

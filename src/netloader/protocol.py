@@ -237,7 +237,14 @@ class Accept(Message):
                 and 0 <= pair[1] < pair[0] < n
             ):
                 raise ProtocolError("each alias must be [index, earlier index] within the manifest")
+            spec, target = manifest.specs[pair[0]], manifest.specs[pair[1]]
+            if (spec.dtype, spec.shape) != (target.dtype, target.shape):
+                raise ProtocolError(
+                    f"alias {spec.name!r} -> {target.name!r} joins tensors of different dtype or shape"
+                )
             aliases[pair[0]] = pair[1]
+        if any(target in aliases for target in aliases.values()):
+            raise ProtocolError("an alias must point at a tensor that is not itself an alias")
         digests = o.get("digests")
         if digests is not None and not (
             isinstance(digests, list) and all(type(d) is int and 0 <= d < 1 << 64 for d in digests)
