@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Proxy, assert_same, kill_after
+from helpers import Proxy, ServerProcess, all_cases, assert_same, kill_after
 from safetensors.torch import load_file, save_file
 
 from netloader.synthetic import llm_like
@@ -94,6 +94,14 @@ def test_pull_to_file_is_bit_exact(served, checkpoint, tmp_path):
     assert re.search(rf"pulled {total} bytes in [\d.]+ s \([\d.]+ GB/s\)", proc.stdout)
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
     assert_same(checkpoint[1], load_file(out / "model.safetensors"))
+
+
+def test_pull_to_file_holds_every_dtype_and_shape_case(tmp_path):
+    """0-dim, empty, non-contiguous and tied tensors of every dtype, written by `pull --out`."""
+    with ServerProcess(chunk_size=64 << 10) as srv:
+        run("pull", srv.address, "--out", tmp_path)
+    assert_same(all_cases(), load_file(tmp_path / "model.safetensors"))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_pull_to_memory(served):

@@ -1,15 +1,48 @@
-"""Reading and writing safetensors checkpoints for the command line."""
+"""Reading and writing safetensors checkpoints for the command line.
+
+``netloader pull --out`` receives straight into the file it writes: ``SafetensorsOutput`` lays
+the file out from the server's manifest, maps it into memory and hands out tensors that are
+views of it. No second full-size copy is made, and the bytes live in the file's page cache,
+which the kernel writes back and can reclaim, not in the process's own memory; the size limit
+is the free disk space, checked before anything moves.
+"""
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from netloader.errors import ConfigError
+from netloader.manifest import DTYPE_NAMES, Manifest
+
+# The safetensors format's names for torch dtypes (its specification, not its private tables).
+_ST_NAMES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
+}
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -38,24 +71,87 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
-    """Write a safetensors file so that ``path`` either does not exist or is complete."""
-    target = Path(path)
-    seen: set[int] = set()
-    unshared = {}
-    for name, t in tensors.items():  # safetensors refuses tensors that share storage
-        key = t.untyped_storage().data_ptr()
-        unshared[name] = t.clone() if key in seen and t.numel() else t.contiguous()
-        seen.add(key)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(unshared, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the usual mode
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
+class SafetensorsOutput:
+    """A safetensors file at ``path``, laid out from ``manifest`` before any byte arrives.
+
+    ``tensors`` are views of the memory-mapped file, in the manifest's shapes and dtypes: fill
+    them, then ``commit()`` to move the file into place, or ``abort()`` to remove it. Until ``commit()`` the data lives under a hidden temporary name in the same folder, so
+    ``path`` is either absent or complete.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], manifest: Manifest):
+        self.path = Path(path)
+        unsupported = sorted(
+            {DTYPE_NAMES[s.dtype] for s in manifest.specs} - set(_ST_NAMES), key=str
+        )
+        if unsupported:
+            raise ConfigError(
+                f"safetensors cannot hold dtype(s) {', '.join(unsupported)}; "
+                f"it holds: {', '.join(_ST_NAMES)}"
+            )
+        # Widest elements first: with no gaps allowed between tensors, every offset stays
+        # aligned for its dtype, so each tensor can be a view of the mapping.
+        order = sorted(manifest.specs, key=lambda s: -s.dtype.itemsize)
+        header: dict[str, object] = {}
+        offset = 0
+        for spec in order:
+            header[spec.name] = {
+                "dtype": _ST_NAMES[DTYPE_NAMES[spec.dtype]],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)  # the format pads the header with spaces
+        start = 8 + len(text)
+        size = start + offset
+        free = shutil.disk_usage(self.path.parent).free
+        if size > free:
+            raise ConfigError(
+                f"{str(self.path.parent)!r} has {free / 1e9:.2f} GB free; the model needs "
+                f"{size / 1e9:.2f} GB"
+            )
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        self._tmp = Path(tmp)
+        try:
+            with os.fdopen(fd, "r+b") as f:
+                f.truncate(size)
+                f.write(len(text).to_bytes(8, "little") + text)
+                # Pre-faulting the mapping up front (MAP_POPULATE) measured faster overall than
+                # taking one page fault per 4 KiB while the bytes stream in.
+                self._map = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            data = torch.frombuffer(self._map, dtype=torch.uint8)
+            self.tensors: dict[str, torch.Tensor] = {}
+            for spec in manifest.specs:  # in the manifest's order, as a pull returns them
+                begin, end = header[spec.name]["data_offsets"]  # type: ignore[index]
+                if spec.nbytes == 0:
+                    self.tensors[spec.name] = torch.empty(spec.shape, dtype=spec.dtype)
+                else:
+                    flat = data[start + begin : start + end].view(spec.dtype)
+                    self.tensors[spec.name] = flat.view(spec.shape)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self) -> Path:
+        """Move the complete file to ``path``.
+
+        No msync: the mapped pages are the file's page cache, written back by the kernel like
+        any other write (an msync cost a second per GB here, and the previous save_file path
+        did not sync either). Every reader sees the whole file from the moment it has its name.
+        """
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp made it private; give it the usual mode
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file. The mapping itself goes away with the last tensor."""
+        self._tmp.unlink(missing_ok=True)

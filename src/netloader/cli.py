@@ -13,13 +13,13 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from netloader import auth
-from netloader.checkpoint import load_checkpoint, save_atomic
+from netloader.checkpoint import SafetensorsOutput, load_checkpoint
 from netloader.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -29,6 +29,7 @@ from netloader.client import (
 )
 from netloader.errors import ConfigError, NetloaderError
 from netloader.identity import Identity
+from netloader.manifest import Manifest
 from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT as SERVER_HANDSHAKE
 from netloader.server import DEFAULT_IDLE_TIMEOUT as SERVER_IDLE
 from netloader.server import (
@@ -277,7 +278,16 @@ def _pull(args: argparse.Namespace) -> int:
         unit="B", unit_scale=True, unit_divisor=1024, disable=not sys.stderr.isatty(), desc="pull"
     )
     created = out_dir is not None and not out_dir.exists()
+    outputs: list[SafetensorsOutput] = []
+
+    def into_file(manifest: Manifest) -> dict[str, torch.Tensor]:
+        assert out_dir is not None
+        outputs.append(SafetensorsOutput(out_dir / "model.safetensors", manifest))
+        return outputs[-1].tensors
+
     try:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
         result = pull(
             args.source,
             identity,
@@ -288,15 +298,15 @@ def _pull(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             progress=bar.update,
             on_accept=lambda a: setattr(bar, "total", a.manifest.total_bytes),
+            allocate=into_file if out_dir is not None else None,
         )
         bar.close()
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            path = save_atomic(result.tensors, out_dir / "model.safetensors")
-            log.info("wrote %s in %.2f s", path, time.perf_counter() - start)
+        if outputs:
+            outputs[-1].commit()
     except BaseException:
         bar.close()
+        for output in outputs:
+            output.abort()
         if created and out_dir is not None and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir)
         raise

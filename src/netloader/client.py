@@ -108,13 +108,16 @@ def pull(
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
     on_accept: Callable[[Accept], None] | None = None,
+    allocate: Callable[[Manifest], Mapping[str, torch.Tensor]] | None = None,
 ) -> PullResult:
     """Pull ``identity``'s tensors from the first of ``sources`` that delivers them.
 
     ``into``: existing tensors to fill in place (names, shapes and dtypes must match the
     server's). Without it, fresh tensors are allocated on ``device``, at most ``max_bytes`` in
-    total (default: this machine's physical memory for CPU). ``progress`` receives byte counts
-    as chunks land; ``on_accept`` sees the server's Accept before any weight moves.
+    total (default: this machine's physical memory for CPU), or taken from
+    ``allocate(manifest)`` once the server's manifest is known (e.g. views of a file being
+    written; the callback bounds the size itself). ``progress`` receives byte counts as chunks
+    land; ``on_accept`` sees the server's Accept before any weight moves.
     """
     if isinstance(sources, str):
         sources = [sources]
@@ -150,7 +153,16 @@ def pull(
             )
             with gc_paused():  # a blocking load: a full collection would only stall it
                 return attempt.run(
-                    want, into, dev, offered, streams, max_bytes, verify, progress, on_accept
+                    want,
+                    into,
+                    dev,
+                    offered,
+                    streams,
+                    max_bytes,
+                    verify,
+                    progress,
+                    on_accept,
+                    allocate,
                 )
         except PullError as exc:
             exc.source = source
@@ -279,6 +291,7 @@ class _Attempt:
         verify: bool,
         progress: Callable[[int], None] | None,
         on_accept: Callable[[Accept], None] | None,
+        allocate: Callable[[Manifest], Mapping[str, torch.Tensor]] | None = None,
     ) -> PullResult:
         assert self.identity is not None
         channel, hello, deadline = self._connect()
@@ -301,7 +314,14 @@ class _Attempt:
             self._check_accept(accept, want, transports)
             if on_accept is not None:
                 on_accept(accept)
-            tensors = dict(into) if into is not None else _allocate(accept, device, max_bytes)
+            if into is not None:
+                tensors = dict(into)
+            elif allocate is not None:
+                tensors = dict(allocate(accept.manifest))
+                if Manifest.of(tensors) != accept.manifest:
+                    raise ValueError("allocate() returned tensors that differ from the manifest")
+            else:
+                tensors = _allocate(accept, device, max_bytes)
             ordered = [tensors[s.name] for s in accept.manifest.specs]
             buffers, scratch = _destinations(ordered, accept.aliases)
             plan = Plan([b.numel() for b in buffers], accept.chunk_size)

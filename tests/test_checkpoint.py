@@ -1,0 +1,56 @@
+"""Writing a pulled model straight into a safetensors file (what `netloader pull --out` uses)."""
+
+import pytest
+import torch
+from helpers import all_cases, assert_same
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from netloader.checkpoint import SafetensorsOutput
+from netloader.errors import ConfigError
+from netloader.manifest import Manifest, TensorSpec
+
+
+def test_filled_views_become_a_file_safetensors_reads(tmp_path):
+    expected = all_cases()
+    out = SafetensorsOutput(tmp_path / "model.safetensors", Manifest.of(expected))
+    assert list(out.tensors) == list(expected)
+    for name, t in expected.items():
+        out.tensors[name].copy_(t)
+    assert not (tmp_path / "model.safetensors").exists()  # nothing at the name until commit
+    out.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert_same(expected, load_file(tmp_path / "model.safetensors"))
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # the header, as safetensors sees it
+        assert set(f.keys()) == set(expected)
+
+
+def test_views_are_the_file_itself(tmp_path):
+    """No second copy: a write into a view is a write into the mapped file."""
+    out = SafetensorsOutput(
+        tmp_path / "m.safetensors", Manifest([TensorSpec("w", torch.int32, (4,))])
+    )
+    out.tensors["w"].copy_(torch.tensor([1, 2, 3, 4], dtype=torch.int32))
+    out.commit()
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    assert raw.endswith(torch.tensor([1, 2, 3, 4], dtype=torch.int32).numpy().tobytes())
+
+
+def test_abort_leaves_nothing(tmp_path):
+    out = SafetensorsOutput(tmp_path / "m.safetensors", Manifest.of(all_cases()))
+    out.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dtype_safetensors_cannot_hold_is_refused_before_any_file(tmp_path):
+    manifest = Manifest([TensorSpec("z", torch.complex128, (2,))])
+    with pytest.raises(ConfigError, match="complex128"):
+        SafetensorsOutput(tmp_path / "m.safetensors", manifest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_larger_than_the_free_disk_is_refused(tmp_path):
+    manifest = Manifest([TensorSpec("w", torch.uint8, (1 << 47,))])  # 140 TB
+    with pytest.raises(ConfigError, match="GB free"):
+        SafetensorsOutput(tmp_path / "m.safetensors", manifest)
+    assert list(tmp_path.iterdir()) == []
