@@ -34,6 +34,21 @@ def test_netloader_bench_small(tmp_path):
     assert "netloader is" in proc.stdout and "machine:" in proc.stdout
 
 
+def test_pull_to_disk_bench_small(tmp_path):
+    out = tmp_path / "pull.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pull_to_disk.py"), "--size", "8MiB",
+         "--rounds", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"pull --out", "pull, then save_file"}
+    assert all(r["bit_exact"] and r["median_s"] > 0 for r in rows.values())
+
+
 def test_bench_rejects_bad_sizes():
     proc = subprocess.run([NETLOADER, "bench", "--size", "lots"], capture_output=True, text=True)
     assert proc.returncode == 2

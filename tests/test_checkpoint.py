@@ -1,5 +1,8 @@
 """Writing a pulled model straight into a safetensors file (what `netloader pull --out` uses)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import all_cases, assert_same
@@ -53,4 +56,28 @@ def test_model_larger_than_the_free_disk_is_refused(tmp_path):
     manifest = Manifest([TensorSpec("w", torch.uint8, (1 << 47,))])  # 140 TB
     with pytest.raises(ConfigError, match="GB free"):
         SafetensorsOutput(tmp_path / "m.safetensors", manifest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_space_the_kernel_will_not_grant_is_an_error_not_a_crash(tmp_path):
+    """The file's blocks are reserved before any byte is written through the mapping: a disk
+    that cannot hold them gives an error (a write into an unbacked mapped page would be a
+    SIGBUS). The refusal here is real: the kernel's file-size limit (RLIMIT_FSIZE) in a child."""
+    code = f"""
+import resource, signal, sys
+import torch
+from netloader.checkpoint import SafetensorsOutput
+from netloader.errors import ConfigError
+from netloader.manifest import Manifest, TensorSpec
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    SafetensorsOutput({str(tmp_path / "m.safetensors")!r}, Manifest([TensorSpec("w", torch.uint8, (8 << 20,))]))
+except ConfigError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot reserve 0.01 GB" in proc.stdout and "too large" in proc.stdout
     assert list(tmp_path.iterdir()) == []

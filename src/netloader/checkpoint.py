@@ -117,11 +117,17 @@ class SafetensorsOutput:
         self._tmp = Path(tmp)
         try:
             with os.fdopen(fd, "r+b") as f:
-                f.truncate(size)
+                # Reserve the blocks now: a write into a mapped page the disk cannot hold would
+                # kill the process with SIGBUS instead of raising an error.
+                try:
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot reserve {size / 1e9:.2f} GB in {str(self.path.parent)!r}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
                 f.write(len(text).to_bytes(8, "little") + text)
-                # Pre-faulting the mapping up front (MAP_POPULATE) measured faster overall than
-                # taking one page fault per 4 KiB while the bytes stream in.
-                self._map = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+                self._map = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED)
             data = torch.frombuffer(self._map, dtype=torch.uint8)
             self.tensors: dict[str, torch.Tensor] = {}
             for spec in manifest.specs:  # in the manifest's order, as a pull returns them
