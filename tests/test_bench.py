@@ -34,16 +34,20 @@ def test_netloader_bench_small(tmp_path):
     assert "netloader is" in proc.stdout and "machine:" in proc.stdout
 
 
-def test_pull_to_disk_bench_small(tmp_path):
-    out = tmp_path / "pull.json"
+def run_script(name: str, *args: object, timeout: float) -> None:
+    """Run ``benchmarks/NAME`` with ``args``; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pull_to_disk.py"), "--size", "8MiB",
-         "--rounds", "1", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=600,
-    )  # fmt: skip
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_pull_to_disk_bench_small(tmp_path):
+    out = tmp_path / "pull.json"
+    run_script("pull_to_disk.py", "--size", "8MiB", "--rounds", "1", "--json", out, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"pull --out", "pull, then save_file"}
     assert all(r["bit_exact"] and r["median_s"] > 0 for r in rows.values())
@@ -61,14 +65,7 @@ def test_bench_rejects_bad_sizes():
 )
 def test_vllm_weights_bench_smoke(tmp_path):
     out = tmp_path / "vllm.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "vllm_weights.py"), "--smoke", "--rounds", "1",
-         "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_script("vllm_weights.py", "--smoke", "--rounds", "1", "--json", out, timeout=900)
     rows = json.loads(out.read_text())["rows"]
     assert {"peer", "storage, warm cache"} <= set(rows)
     assert all(r["median_s"] > 0 for r in rows.values())

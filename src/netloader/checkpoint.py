@@ -4,7 +4,7 @@
 the file out from the server's manifest, maps it into memory and hands out tensors that are
 views of it. No second full-size copy is made, and the bytes live in the file's page cache,
 which the kernel writes back and can reclaim, not in the process's own memory; the size limit
-is the free disk space, checked before anything moves.
+is the free disk space, reserved before anything moves.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class SafetensorsOutput:
     """A safetensors file at ``path``, laid out from ``manifest`` before any byte arrives.
 
     ``tensors`` are views of the memory-mapped file, in the manifest's shapes and dtypes: fill
-    them, then ``commit()`` to move the file into place, or ``abort()`` to remove it. Until ``commit()`` the data lives under a hidden temporary name in the same folder, so
-    ``path`` is either absent or complete.
+    them, then ``commit()`` to move the file into place, or ``abort()`` to remove it. Until
+    ``commit()`` the data lives under a hidden temporary name in the same folder, so ``path``
+    is either absent or complete.
     """
 
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest):
@@ -105,25 +106,21 @@ class SafetensorsOutput:
         text += b" " * (-(8 + len(text)) % 8)  # the format pads the header with spaces
         start = 8 + len(text)
         size = start + offset
-        free = shutil.disk_usage(self.path.parent).free
-        if size > free:
-            raise ConfigError(
-                f"{str(self.path.parent)!r} has {free / 1e9:.2f} GB free; the model needs "
-                f"{size / 1e9:.2f} GB"
-            )
         fd, tmp = tempfile.mkstemp(
             dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
         )
         self._tmp = Path(tmp)
         try:
             with os.fdopen(fd, "r+b") as f:
-                # Reserve the blocks now: a write into a mapped page the disk cannot hold would
-                # kill the process with SIGBUS instead of raising an error.
+                # Reserve the blocks before anything moves: a write into a mapped page the disk
+                # cannot hold would kill the process with SIGBUS instead of raising an error.
                 try:
                     os.posix_fallocate(f.fileno(), 0, size)
                 except OSError as exc:
+                    free = shutil.disk_usage(self.path.parent).free
                     raise ConfigError(
-                        f"cannot reserve {size / 1e9:.2f} GB in {str(self.path.parent)!r}: "
+                        f"cannot reserve {size / 1e9:.2f} GB for the model in "
+                        f"{str(self.path.parent)!r} ({free / 1e9:.2f} GB free): "
                         f"{exc.strerror or exc}"
                     ) from None
                 f.write(len(text).to_bytes(8, "little") + text)
