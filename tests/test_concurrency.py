@@ -1,5 +1,6 @@
 """Several clients at once: all bit-exact; beyond the limits they wait, or are refused as busy."""
 
+import contextlib
 import multiprocessing as mp
 import threading
 import time
@@ -37,17 +38,20 @@ def test_eight_clients_at_once_all_bit_exact():
     assert results == ["ok"] * 8
 
 
-def hold_slot(server):
-    """A client that got its Accept and then sits there, holding one transfer slot."""
-    holder = RawClient(server.address)
-    assert isinstance(holder.request_pull(IDENT), Accept)
-    return holder
+@contextlib.contextmanager
+def slot_held(**limits):
+    """A one-slot server, and a client that got its Accept and sits there holding the slot."""
+    server = in_process_server(all_cases(), max_clients=1, **limits)
+    try:
+        holder = RawClient(server.address)
+        assert isinstance(holder.request_pull(IDENT), Accept)
+        yield server, holder
+    finally:
+        server.close()
 
 
 def test_busy_is_refused_with_a_reason_when_nobody_may_wait():
-    server = in_process_server(all_cases(), max_clients=1, max_waiting=0, idle_timeout=30)
-    try:
-        holder = hold_slot(server)
+    with slot_held(max_waiting=0, idle_timeout=30) as (server, holder):
         with pytest.raises(Refused) as info:
             pull(server.address, IDENT)
         assert info.value.code == "busy"
@@ -62,14 +66,10 @@ def test_busy_is_refused_with_a_reason_when_nobody_may_wait():
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert_same(all_cases(), result.tensors)
-    finally:
-        server.close()
 
 
 def test_a_waiting_client_gets_the_slot_when_it_frees():
-    server = in_process_server(all_cases(), max_clients=1, max_waiting=4, handshake_timeout=20)
-    try:
-        holder = hold_slot(server)
+    with slot_held(max_waiting=4, handshake_timeout=20) as (server, holder):
         done = {}
         waiter = threading.Thread(target=lambda: done.update(r=pull(server.address, IDENT)))
         waiter.start()
@@ -78,14 +78,10 @@ def test_a_waiting_client_gets_the_slot_when_it_frees():
         holder.close()
         waiter.join(30)
         assert_same(all_cases(), done["r"].tensors)
-    finally:
-        server.close()
 
 
 def test_queue_wait_is_bounded_by_the_handshake_limit():
-    server = in_process_server(all_cases(), max_clients=1, max_waiting=4, handshake_timeout=1.5)
-    try:
-        holder = hold_slot(server)
+    with slot_held(max_waiting=4, handshake_timeout=1.5) as (server, holder):
         start = time.monotonic()
         with pytest.raises(Refused) as info:
             pull(server.address, IDENT)
@@ -93,5 +89,3 @@ def test_queue_wait_is_bounded_by_the_handshake_limit():
         assert "stayed in use for 1.5 s" in str(info.value)
         assert time.monotonic() - start < 10
         holder.close()
-    finally:
-        server.close()
