@@ -39,6 +39,15 @@ def test_views_are_the_file_itself(tmp_path):
     assert raw.endswith(torch.tensor([1, 2, 3, 4], dtype=torch.int32).numpy().tobytes())
 
 
+def test_disk_blocks_are_reserved_before_any_byte_arrives(tmp_path):
+    """A sparse file would let a write into a mapped page hit a full disk mid-pull (SIGBUS);
+    the file must hold real blocks for its whole size from the start."""
+    out = SafetensorsOutput(tmp_path / "m.safetensors", Manifest.of(all_cases()))
+    size = out._tmp.stat().st_size
+    assert out._tmp.stat().st_blocks * 512 >= size > 100_000
+    out.abort()
+
+
 def test_abort_leaves_nothing(tmp_path):
     out = SafetensorsOutput(tmp_path / "m.safetensors", Manifest.of(all_cases()))
     out.abort()
@@ -60,9 +69,9 @@ def test_model_larger_than_the_free_disk_is_refused(tmp_path):
 
 
 def test_space_the_kernel_will_not_grant_is_an_error_not_a_crash(tmp_path):
-    """The file's blocks are reserved before any byte is written through the mapping: a disk
-    that cannot hold them gives an error (a write into an unbacked mapped page would be a
-    SIGBUS). The refusal here is real: the kernel's file-size limit (RLIMIT_FSIZE) in a child."""
+    """When the kernel will not give the file its size, the result is a ConfigError naming the
+    size and the folder, and no file. The refusal is real: the kernel's file-size limit
+    (RLIMIT_FSIZE) in a child process."""
     code = f"""
 import resource, signal, sys
 import torch
