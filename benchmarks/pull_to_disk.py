@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from netloader.bench import machine_description
-from netloader.cli import _size
+from netloader.cli import parse_size
 from netloader.synthetic import llm_like
 
 BIN = Path(sys.executable).parent
@@ -71,7 +71,7 @@ def same(expected: dict[str, torch.Tensor], path: Path) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=_size, default=1 << 30, help="payload (default 1GiB)")
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="payload (default 1GiB)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results as JSON")
     args = parser.parse_args()

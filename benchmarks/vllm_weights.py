@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from netloader.bench import drop_page_cache, machine_description
-from netloader.harness import OfflineInstance
-from netloader.synthetic import tiny_llama
+from netloader.testing.harness import OfflineInstance
+from netloader.testing.models import tiny_llama
 
 # About 284 M parameters: 1.13 GB in float32. Head dim 64 (the CPU attention kernels need it).
 MODEL = {"hidden": 1536, "layers": 10, "intermediate": 4096, "heads": 24, "vocab": 512}

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from netloader.harness import ApiServer
-from netloader.synthetic import tiny_llama
+from netloader.testing.harness import ApiServer
+from netloader.testing.models import tiny_llama
 
 WORK = Path("demo-out/vllm")
 PROMPT = "the quick brown fox"

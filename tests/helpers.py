@@ -278,7 +278,7 @@ class RawClient:
 
         nonce = os.urandom(16).hex()
         self.channel.send(PullRequest(PROTOCOL_VERSION, identity, None, ["tcp"], streams, nonce))
-        return self.channel.recv(Accept, Refuse)
+        return self.channel.recv_any(Accept, Refuse)
 
     def attach(self, session: str, index: int = 0, rcvbuf: int | None = None) -> Any:
         import socket

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from netloader.config import NetloaderConfig
 from netloader.errors import ConfigError
+from netloader.integrations.vllm.config import NetloaderConfig
 
 
 def test_defaults():

@@ -7,8 +7,8 @@ import torch
 from helpers import Proxy, ServerProcess, all_cases, assert_same, in_process_server
 
 from netloader import Identity, IntegrityError, Refused, pull
+from netloader.options import DEFAULT_CHUNK
 from netloader.protocol import HEADER
-from netloader.tensors import DEFAULT_CHUNK
 
 IDENT = Identity("test-model")
 

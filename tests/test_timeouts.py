@@ -19,7 +19,7 @@ from netloader.protocol import (
     StreamAttach,
     encode,
 )
-from netloader.tensors import Snapshot
+from netloader.snapshot import Snapshot
 from netloader.transport.tcp import CHUNK_HEADER
 
 IDENT = Identity("test-model")

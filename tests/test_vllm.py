@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import Proxy, kill_after
 
-from netloader.harness import ApiServer, OfflineInstance, free_port
-from netloader.synthetic import tiny_llama
+from netloader.sockets import free_port
+from netloader.testing.harness import ApiServer, OfflineInstance
+from netloader.testing.models import tiny_llama
 
 # CI sets NETLOADER_REQUIRE_VLLM=1, so that a missing vLLM fails instead of skipping.
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":

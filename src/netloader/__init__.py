@@ -11,6 +11,7 @@ The vLLM model-loader plugin (``--load-format netloader``) is a thin layer on to
 from netloader.client import PullResult, info, pull
 from netloader.errors import (
     AllSourcesFailed,
+    Code,
     ConfigError,
     IntegrityError,
     NetloaderError,
@@ -23,25 +24,34 @@ from netloader.errors import (
 )
 from netloader.identity import Identity
 from netloader.manifest import Manifest, TensorSpec
+from netloader.options import Limits, PullHooks, PullOptions, ServeOptions, Timeouts
 from netloader.server import Server
+from netloader.snapshot import Snapshot
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AllSourcesFailed",
+    "Code",
     "ConfigError",
     "Identity",
     "IntegrityError",
+    "Limits",
     "Manifest",
     "NetloaderError",
     "PeerClosed",
     "ProtocolError",
     "PullError",
+    "PullHooks",
+    "PullOptions",
     "PullResult",
     "Refused",
+    "ServeOptions",
     "Server",
+    "Snapshot",
     "SourceUnreachable",
     "TensorSpec",
+    "Timeouts",
     "TransferTimeout",
     "info",
     "pull",

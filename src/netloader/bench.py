@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from netloader.sockets import free_port
+
 PAYLOAD_SEED = 1234
 
 
@@ -148,7 +150,7 @@ def _serve_netloader(queue: Any, path: str, digests: bool) -> None:
     from safetensors.torch import load_file
 
     from netloader import Identity, Server
-    from netloader.tensors import Snapshot
+    from netloader.snapshot import Snapshot
 
     tensors = {n: t.clone() for n, t in load_file(path).items()}  # private memory, like a model
     server = Server(Snapshot(tensors, with_digests=digests), Identity("bench")).start()
@@ -228,13 +230,12 @@ def _split(nbytes: int, parts: int) -> list[tuple[int, int]]:
 def _gloo_group(port: int, rank: int) -> Any:
     import torch.distributed as dist
 
+    from netloader.transport.process_group import gloo_pair
+
     store = dist.TCPStore(
         "127.0.0.1", port, 2, is_master=rank == 0, timeout=datetime.timedelta(seconds=120)
     )
-    options = dist.ProcessGroupGloo._Options()
-    options._timeout = datetime.timedelta(seconds=120)
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    return dist.ProcessGroupGloo(store, rank, 2, options)
+    return gloo_pair(store, rank, "127.0.0.1", 120.0)
 
 
 def _send_gloo(queue: Any, path: str, port: int) -> None:
@@ -252,6 +253,8 @@ def _send_gloo(queue: Any, path: str, port: int) -> None:
 def _recv_gloo(queue: Any, path: str, port: int) -> None:
     from safetensors import safe_open
 
+    from netloader.checkpoint import torch_dtype
+
     with safe_open(path, framework="pt") as f:
         names = sorted(f.keys())
         shapes = [(f.get_slice(n).get_shape(), f.get_slice(n).get_dtype()) for n in names]
@@ -260,16 +263,13 @@ def _recv_gloo(queue: Any, path: str, port: int) -> None:
     start = time.perf_counter()
     received = []  # kept, like a model's parameters: fresh memory for every tensor
     for shape, dtype in shapes:
-        t = torch.empty(shape, dtype=_ST_DTYPES[dtype]).reshape(-1).view(torch.uint8)
+        t = torch.empty(shape, dtype=torch_dtype(dtype)).reshape(-1).view(torch.uint8)
         group.recv([t], 0, 0).wait()
         received.append(t)
     seconds = time.perf_counter() - start
     total = sum(t.numel() for t in received)
     group.barrier().wait()
     queue.put((seconds, memory.peak_mib(), total))
-
-
-_ST_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I8": torch.int8, "F16": torch.float16}
 
 
 def _load_safetensors(queue: Any, path: str) -> None:
@@ -343,7 +343,7 @@ def run(
     that drift on a noisy machine hits all of them alike), and return the report."""
     from safetensors.torch import save_file
 
-    from netloader.client import default_streams
+    from netloader.options import default_streams
 
     ctx = mp.get_context("spawn")
     streams = streams or default_streams()
@@ -351,66 +351,75 @@ def run(
         path = str(Path(tmp) / "model.safetensors")
         log(f"generating a {size / 2**30:.2f} GiB LLM-shaped checkpoint in {path} ...")
         tensors = _payload(size)
-        nbytes = sum(t.nbytes for t in tensors.values())
+        nbytes, count = sum(t.nbytes for t in tensors.values()), len(tensors)
         save_file(tensors, path)
-        count = len(tensors)
         del tensors
-
         servers = [
             _Child(ctx, _serve_netloader, path, True),
-            _Child(ctx, _serve_netloader, path, False),
             _Child(ctx, _serve_raw, nbytes, streams),
+            _Child(ctx, _serve_netloader, path, False),
         ]
         try:
-            with_digests, without, raw = (c.ready() for c in servers)
-            cold_note = drop_page_cache()
-
-            def gloo() -> tuple[float, float, int]:
-                port = _free_port()
-                sender = _Child(ctx, _send_gloo, path, port)
-                try:
-                    return _measure(ctx, _recv_gloo, path, port)
-                finally:
-                    sender.stop()
-
-            def cold() -> tuple[float, float, int]:
-                drop_page_cache()
-                return _measure(ctx, _load_safetensors, path)
-
-            methods: dict[str, Callable[[], tuple[float, float, int]] | None] = {
-                "netloader": lambda: _measure(ctx, _recv_netloader, with_digests, streams),
-                "netloader, no digests": lambda: _measure(ctx, _recv_netloader, without, streams),
-                f"raw sockets x{streams}": lambda: _measure(ctx, _recv_raw, raw, nbytes, streams),
-                "gloo per tensor": gloo,
-                "safetensors, cold cache": None if cold_note else cold,
-                "safetensors, warm cache": lambda: _measure(ctx, _load_safetensors, path),
-            }
-            rows = {name: Row(name, nbytes=nbytes) for name in methods}
-            if cold_note:
-                rows["safetensors, cold cache"].note = cold_note
-            for i in range(repeats):
-                for name, method in methods.items():
-                    if method is None:
-                        continue
-                    seconds, peak, got = method()
-                    if got != nbytes:
-                        raise RuntimeError(f"{name}: moved {got} bytes, expected {nbytes}")
-                    rows[name].seconds.append(seconds)
-                    rows[name].peak_mib.append(peak)
-                    log(
-                        f"  round {i + 1}/{repeats} {name}: {seconds:.3f} s ({nbytes / 1e9 / seconds:.2f} GB/s)"
-                    )
+            addresses = [c.ready() for c in servers]
+            methods = _methods(ctx, path, nbytes, streams, addresses)
+            rows = _rounds(methods, nbytes, repeats, log)
         finally:
             for child in servers:
                 child.stop()
+    return Report(machine_description(), nbytes, count, streams, repeats, rows)
 
-    return Report(machine_description(), nbytes, count, streams, repeats, list(rows.values()))
+
+Method = Callable[[], tuple[float, float, int]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _methods(
+    ctx: Any, path: str, nbytes: int, streams: int, addresses: list[str]
+) -> dict[str, Method | str]:
+    """Each row's measurement, or why it cannot run here."""
+    with_digests, raw, without = addresses
+
+    def gloo() -> tuple[float, float, int]:
+        port = free_port()
+        sender = _Child(ctx, _send_gloo, path, port)
+        try:
+            return _measure(ctx, _recv_gloo, path, port)
+        finally:
+            sender.stop()
+
+    def cold() -> tuple[float, float, int]:
+        drop_page_cache()
+        return _measure(ctx, _load_safetensors, path)
+
+    return {
+        "netloader": lambda: _measure(ctx, _recv_netloader, with_digests, streams),
+        "netloader, no digests": lambda: _measure(ctx, _recv_netloader, without, streams),
+        f"raw sockets x{streams}": lambda: _measure(ctx, _recv_raw, raw, nbytes, streams),
+        "gloo per tensor": gloo,
+        "safetensors, cold cache": drop_page_cache() or cold,
+        "safetensors, warm cache": lambda: _measure(ctx, _load_safetensors, path),
+    }
+
+
+def _rounds(
+    methods: dict[str, Method | str], nbytes: int, repeats: int, log: Callable[[str], None]
+) -> list[Row]:
+    rows = {name: Row(name, nbytes=nbytes) for name in methods}
+    for name, method in methods.items():
+        if isinstance(method, str):
+            rows[name].note = method
+    for i in range(repeats):
+        for name, method in methods.items():
+            if isinstance(method, str):
+                continue
+            seconds, peak, got = method()
+            if got != nbytes:
+                raise RuntimeError(f"{name}: moved {got} bytes, expected {nbytes}")
+            rows[name].seconds.append(seconds)
+            rows[name].peak_mib.append(peak)
+            log(
+                f"  round {i + 1}/{repeats} {name}: {seconds:.3f} s ({nbytes / 1e9 / seconds:.2f} GB/s)"
+            )
+    return list(rows.values())
 
 
 def plot(report: Report, path: str) -> None:

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from netloader.errors import ConfigError
-from netloader.manifest import DTYPE_NAMES, Manifest
+from netloader.manifest import DTYPE_NAMES, DTYPES, Manifest
 
 # The safetensors format's names for torch dtypes (its specification, not its private tables).
-_ST_NAMES = {
+SAFETENSORS_NAMES = {
     "bool": "BOOL",
     "uint8": "U8",
     "int8": "I8",
@@ -43,6 +43,14 @@ _ST_NAMES = {
     "float8_e5m2fnuz": "F8_E5M2FNUZ",
     "complex64": "C64",
 }
+
+
+def torch_dtype(safetensors_name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"BF16"`` -> ``torch.bfloat16``)."""
+    for name, st in SAFETENSORS_NAMES.items():
+        if st == safetensors_name:
+            return DTYPES[name]
+    raise ValueError(f"unknown safetensors dtype {safetensors_name!r}")
 
 
 def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -82,53 +90,22 @@ class SafetensorsOutput:
 
     def __init__(self, path: str | os.PathLike[str], manifest: Manifest):
         self.path = Path(path)
-        unsupported = sorted(
-            {DTYPE_NAMES[s.dtype] for s in manifest.specs} - set(_ST_NAMES), key=str
-        )
-        if unsupported:
-            raise ConfigError(
-                f"safetensors cannot hold dtype(s) {', '.join(unsupported)}; "
-                f"it holds: {', '.join(_ST_NAMES)}"
-            )
-        # Widest elements first: with no gaps allowed between tensors, every offset stays
-        # aligned for its dtype, so each tensor can be a view of the mapping.
-        order = sorted(manifest.specs, key=lambda s: -s.dtype.itemsize)
-        header: dict[str, object] = {}
-        offset = 0
-        for spec in order:
-            header[spec.name] = {
-                "dtype": _ST_NAMES[DTYPE_NAMES[spec.dtype]],
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + spec.nbytes],
-            }
-            offset += spec.nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-(8 + len(text)) % 8)  # the format pads the header with spaces
-        start = 8 + len(text)
-        size = start + offset
+        header, offsets = _layout(manifest)
+        start = len(header)
+        size = start + sum(s.nbytes for s in manifest.specs)
         fd, tmp = tempfile.mkstemp(
             dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
         )
         self._tmp = Path(tmp)
         try:
             with os.fdopen(fd, "r+b") as f:
-                # Reserve the blocks before anything moves: a write into a mapped page the disk
-                # cannot hold would kill the process with SIGBUS instead of raising an error.
-                try:
-                    os.posix_fallocate(f.fileno(), 0, size)
-                except OSError as exc:
-                    free = shutil.disk_usage(self.path.parent).free
-                    raise ConfigError(
-                        f"cannot reserve {size / 1e9:.2f} GB for the model in "
-                        f"{str(self.path.parent)!r} ({free / 1e9:.2f} GB free): "
-                        f"{exc.strerror or exc}"
-                    ) from None
-                f.write(len(text).to_bytes(8, "little") + text)
+                self._reserve(f.fileno(), size)
+                f.write(header)
                 self._map = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED)
             data = torch.frombuffer(self._map, dtype=torch.uint8)
             self.tensors: dict[str, torch.Tensor] = {}
             for spec in manifest.specs:  # in the manifest's order, as a pull returns them
-                begin, end = header[spec.name]["data_offsets"]  # type: ignore[index]
+                begin, end = offsets[spec.name]
                 if spec.nbytes == 0:
                     self.tensors[spec.name] = torch.empty(spec.shape, dtype=spec.dtype)
                 else:
@@ -137,6 +114,18 @@ class SafetensorsOutput:
         except BaseException:
             self._tmp.unlink(missing_ok=True)
             raise
+
+    def _reserve(self, fd: int, size: int) -> None:
+        """Reserve the blocks before anything moves: a write into a mapped page the disk
+        cannot hold would kill the process with SIGBUS instead of raising an error."""
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            free = shutil.disk_usage(self.path.parent).free
+            raise ConfigError(
+                f"cannot reserve {size / 1e9:.2f} GB for the model in "
+                f"{str(self.path.parent)!r} ({free / 1e9:.2f} GB free): {exc.strerror or exc}"
+            ) from None
 
     def commit(self) -> Path:
         """Move the complete file to ``path``.
@@ -158,3 +147,31 @@ class SafetensorsOutput:
     def abort(self) -> None:
         """Remove the temporary file. The mapping itself goes away with the last tensor."""
         self._tmp.unlink(missing_ok=True)
+
+
+def _layout(manifest: Manifest) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The file's header (length prefix and JSON, padded) and each tensor's byte range after it.
+
+    Widest elements first: with no gaps allowed between tensors, every offset stays aligned for
+    its dtype, so each tensor can be a view of the mapping.
+    """
+    unsupported = sorted({DTYPE_NAMES[s.dtype] for s in manifest.specs} - set(SAFETENSORS_NAMES))
+    if unsupported:
+        raise ConfigError(
+            f"safetensors cannot hold dtype(s) {', '.join(unsupported)}; "
+            f"it holds: {', '.join(SAFETENSORS_NAMES)}"
+        )
+    header: dict[str, object] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for spec in sorted(manifest.specs, key=lambda s: -s.dtype.itemsize):
+        offsets[spec.name] = (offset, offset + spec.nbytes)
+        header[spec.name] = {
+            "dtype": SAFETENSORS_NAMES[DTYPE_NAMES[spec.dtype]],
+            "shape": list(spec.shape),
+            "data_offsets": list(offsets[spec.name]),
+        }
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the format pads the header with spaces
+    return len(text).to_bytes(8, "little") + text, offsets

@@ -14,29 +14,29 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from netloader import auth
 from netloader.checkpoint import SafetensorsOutput, load_checkpoint
-from netloader.client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    info,
-    pull,
-)
+from netloader.client import PullResult, info, pull
 from netloader.errors import ConfigError, NetloaderError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
-from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT as SERVER_HANDSHAKE
-from netloader.server import DEFAULT_IDLE_TIMEOUT as SERVER_IDLE
-from netloader.server import (
-    DEFAULT_MAX_CLIENTS,
-    DEFAULT_MAX_WAITING,
-    Server,
+from netloader.options import (
+    CLIENT_HANDSHAKE_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    SERVER_HANDSHAKE_TIMEOUT,
+    Limits,
+    PullHooks,
+    PullOptions,
+    ServeOptions,
+    Timeouts,
 )
+from netloader.server import Server
 
 log = logging.getLogger("netloader.cli")
 
@@ -69,15 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="netloader", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_serve_parser, _pull_parser, _info_parser, _bench_parser):
+        add(sub)
+    return parser
 
+
+def _serve_parser(sub: Any) -> None:
     serve = sub.add_parser(
         "serve", help="serve a safetensors checkpoint as rank 0 until SIGINT/SIGTERM"
     )
     serve.add_argument("path", help="a .safetensors file or a folder of them")
     serve.add_argument("--listen-port", type=int, default=None, help="port (default: a free one)")
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument(
         "--model", default=None, help="model name clients must ask for (default: the folder name)"
     )
@@ -85,31 +88,25 @@ def _parser() -> argparse.ArgumentParser:
         "--output-prefix", default=None, help="write the address to PREFIX0.txt once listening"
     )
     serve.add_argument(
-        "--max-clients", type=int, default=DEFAULT_MAX_CLIENTS, help="concurrent transfers"
+        "--max-clients", type=int, default=Limits.max_clients, help="concurrent transfers"
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=Limits.max_waiting,
+        help="clients that may queue for a slot; more are refused as busy",
     )
     serve.add_argument(
         "--verify-before-send",
         action="store_true",
         help="hash every chunk again just before sending it (refuse tensors changed since load)",
     )
-    serve.add_argument(
-        "--max-waiting",
-        type=int,
-        default=DEFAULT_MAX_WAITING,
-        help="clients that may queue for a slot; more are refused as busy",
-    )
-    serve.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=SERVER_HANDSHAKE,
-        help="seconds for a whole handshake, queueing included",
-    )
-    serve.add_argument(
-        "--idle-timeout", type=float, default=SERVER_IDLE, help="seconds without progress"
-    )
+    _timeout_args(serve, SERVER_HANDSHAKE_TIMEOUT, connect=False)
     _token_arg(serve)
     serve.set_defaults(run=_serve)
 
+
+def _pull_parser(sub: Any) -> None:
     pull_ = sub.add_parser("pull", help="pull every tensor from a server")
     pull_.add_argument("source", help="HOST:PORT")
     pull_.add_argument(
@@ -119,18 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     pull_.add_argument(
         "--streams", type=int, default=None, help="parallel TCP streams (default: per core, 2..8)"
     )
-    pull_.add_argument(
-        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
-    )
-    pull_.add_argument(
-        "--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT, help="seconds"
-    )
-    pull_.add_argument(
-        "--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds without progress"
-    )
+    _timeout_args(pull_, CLIENT_HANDSHAKE_TIMEOUT, connect=True)
     _token_arg(pull_)
     pull_.set_defaults(run=_pull)
 
+
+def _info_parser(sub: Any) -> None:
     info_ = sub.add_parser("info", help="print what a server serves, as JSON; no weights move")
     info_.add_argument("source", help="HOST:PORT")
     info_.add_argument(
@@ -139,9 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     _token_arg(info_)
     info_.set_defaults(run=_info)
 
+
+def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="compare netloader with raw sockets, gloo and disk loads")
     bench.add_argument(
-        "--size", type=_size, default=1 << 30, help="payload, e.g. 1GiB, 256MiB (default 1GiB)"
+        "--size", type=parse_size, default=1 << 30, help="payload, e.g. 1GiB, 256MiB (default 1GiB)"
     )
     bench.add_argument(
         "--streams", type=int, default=None, help="TCP streams (default: per core, 2..8)"
@@ -153,10 +146,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results as JSON")
     bench.add_argument("--plot", default=None, help="also draw a PNG bar chart (needs matplotlib)")
     bench.set_defaults(run=_bench)
-    return parser
 
 
-def _size(text: str) -> int:
+def _timeout_args(parser: argparse.ArgumentParser, handshake: float, *, connect: bool) -> None:
+    if connect:
+        parser.add_argument(
+            "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
+        )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=handshake,
+        help="seconds for a whole handshake, queueing included",
+    )
+    parser.add_argument(
+        "--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds without progress"
+    )
+
+
+def parse_size(text: str) -> int:
+    """A byte count like ``1GiB``, ``256MiB`` or ``1.5GB`` (at least 1 MiB), for argparse."""
     units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
     lowered = text.strip().lower()
     unit = next((u for u in units if lowered.endswith(u)), None)
@@ -179,25 +188,12 @@ def _token_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    token = auth.load_token(args.token_file)
     path = Path(args.path)
     if args.listen_port is not None and not 1024 <= args.listen_port <= 65535:
         raise ConfigError(f"--listen-port {args.listen_port} is outside 1024..65535")
     model = args.model or (path.resolve().parent.name if path.is_file() else path.resolve().name)
-    tensors = load_checkpoint(path)
-    server = Server(
-        tensors,
-        Identity(model),
-        host=args.host,
-        listen_port=args.listen_port,
-        output_prefix=args.output_prefix,
-        token=token,
-        max_clients=args.max_clients,
-        max_waiting=args.max_waiting,
-        verify_before_send=args.verify_before_send,
-        handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout,
-    )
+    options = _serve_options(args)
+    server = Server(load_checkpoint(path), Identity(model), options)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -209,6 +205,18 @@ def _serve(args: argparse.Namespace) -> int:
         server.close()
     log.info("stopped after serving %d transfer(s)", server.served)
     return 0
+
+
+def _serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        host=args.host,
+        listen_port=args.listen_port,
+        output_prefix=args.output_prefix,
+        token=auth.load_token(args.token_file),
+        limits=Limits(max_clients=args.max_clients, max_waiting=args.max_waiting),
+        timeouts=Timeouts(handshake=args.handshake_timeout, idle=args.idle_timeout),
+        verify_before_send=args.verify_before_send,
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -262,11 +270,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    token = auth.load_token(args.token_file)
+    options = PullOptions(
+        token=auth.load_token(args.token_file),
+        streams=args.streams,
+        timeouts=Timeouts(
+            connect=args.connect_timeout, handshake=args.handshake_timeout, idle=args.idle_timeout
+        ),
+    )
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")
-    served = info(args.source, token=token, connect_timeout=args.connect_timeout).identity
+    served = info(args.source, token=options.token, connect_timeout=args.connect_timeout).identity
     identity = Identity(
         args.model or served.model,
         served.rank,
@@ -274,6 +288,22 @@ def _pull(args: argparse.Namespace) -> int:
         served.tensor_parallel_size,
         served.pipeline_parallel_size,
     )
+    result = _pull_to(out_dir, args.source, identity, options)
+    where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
+    print(
+        f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
+        f"from {result.source} over {result.transport} x{result.streams}{where}",
+        flush=True,
+    )
+    return 0
+
+
+def _pull_to(
+    out_dir: Path | None, source: str, identity: Identity, options: PullOptions
+) -> PullResult:
+    """Pull into memory, or straight into ``out_dir/model.safetensors``: that file only gets
+    its name once complete and verified, and a folder this command made is removed again if
+    the pull fails."""
     bar = tqdm(
         unit="B", unit_scale=True, unit_divisor=1024, disable=not sys.stderr.isatty(), desc="pull"
     )
@@ -285,38 +315,26 @@ def _pull(args: argparse.Namespace) -> int:
         outputs.append(SafetensorsOutput(out_dir / "model.safetensors", manifest))
         return outputs[-1].tensors
 
+    hooks = PullHooks(
+        progress=bar.update,
+        on_accept=lambda a: setattr(bar, "total", a.manifest.total_bytes),
+        allocate=into_file if out_dir is not None else None,
+    )
     try:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-        result = pull(
-            args.source,
-            identity,
-            token=token,
-            streams=args.streams,
-            connect_timeout=args.connect_timeout,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=args.idle_timeout,
-            progress=bar.update,
-            on_accept=lambda a: setattr(bar, "total", a.manifest.total_bytes),
-            allocate=into_file if out_dir is not None else None,
-        )
-        bar.close()
+        result = pull(source, identity, options=options, hooks=hooks)
         if outputs:
             outputs[-1].commit()
+        return result
     except BaseException:
-        bar.close()
         for output in outputs:
             output.abort()
         if created and out_dir is not None and out_dir.is_dir() and not any(out_dir.iterdir()):
             shutil.rmtree(out_dir)
         raise
-    where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
-    print(
-        f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
-        f"from {result.source} over {result.transport} x{result.streams}{where}",
-        flush=True,
-    )
-    return 0
+    finally:
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The exceptions netloader raises.
+"""The exceptions netloader raises, the codes that say why, and the one place where low-level
+failures (sockets, torch.distributed) become them.
 
 Everything derives from :class:`NetloaderError`. A client failure is a :class:`PullError`; its
 ``partial`` flag says whether weight bytes may already have landed in the caller's tensors, in
@@ -6,6 +7,26 @@ which case those tensors hold a mix of old and new bytes and must not be used.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    """Machine-readable reasons, sent in ``Refuse`` and ``Done`` messages and kept in
+    :attr:`Refused.code`. Peers may send codes this version does not know; they are kept as
+    plain strings."""
+
+    PROTOCOL = "protocol"  # not valid netloader traffic, or a version this side does not speak
+    AUTH = "auth"  # the shared token is missing, wrong, or not proven
+    MODEL = "model"  # another model
+    LAYOUT = "layout"  # another world size / tensor- / pipeline-parallel layout
+    RANK = "rank"  # another rank of the same layout
+    MANIFEST = "manifest"  # tensors differ in name, dtype or shape
+    TRANSPORT = "transport"  # no transport both sides can use for these tensors
+    BUSY = "busy"  # every transfer slot and the waiting queue are taken
+    UNAVAILABLE = "unavailable"  # the server no longer serves (e.g. its weights changed)
+    CHANGED = "changed"  # a served tensor changed since capture; caught while sending
+    INTEGRITY = "integrity"  # the client received bytes that do not match the digests
 
 
 class NetloaderError(Exception):
@@ -23,8 +44,18 @@ def check_seconds(**values: object) -> None:
             raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
+def check_int(name: str, value: object, low: int) -> None:
+    """Raise ConfigError unless ``value`` is an int (not a bool) of at least ``low``."""
+    if type(value) is not int or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 class ProtocolError(NetloaderError):
     """The peer sent something that is not valid netloader traffic."""
+
+
+class TensorsChanged(NetloaderError):
+    """A served tensor no longer holds the bytes it had at capture; sending it would be wrong."""
 
 
 class PullError(NetloaderError):
@@ -81,3 +112,28 @@ class AllSourcesFailed(PullError):
             partial=any(e.partial for e in errors),
         )
         self.errors = errors
+
+
+def as_pull_error(exc: BaseException, during: str, *, partial: bool = False) -> PullError:
+    """The PullError that explains ``exc``, raised while ``during`` (e.g. "handshake").
+
+    The one place where low-level failures are mapped, by type: transports turn their own
+    failures into builtin ones first (the process-group transport, whose backends raise plain
+    RuntimeErrors, tells a timeout by the time it waited).
+    """
+    if isinstance(exc, PullError):
+        exc.partial = exc.partial or partial
+        return exc
+    if isinstance(exc, TimeoutError):
+        return TransferTimeout(f"{during} stalled: {exc}", partial=partial)
+    if isinstance(exc, ProtocolError):
+        return PullError(f"bad data from server during {during}: {exc}", partial=partial)
+    if isinstance(exc, OSError):
+        return PeerClosed(f"connection lost during {during}: {exc}", partial=partial)
+    raise exc
+
+
+def shorten(items: list[str], limit: int = 3) -> str:
+    """``items`` joined by commas, at most ``limit`` of them, then "and N more"."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

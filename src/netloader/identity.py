@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from netloader.errors import ProtocolError
+from netloader.errors import Code, ProtocolError
 
 MAX_NAME_CHARS = 4096
 
@@ -67,14 +67,14 @@ class Identity:
 
     def mismatch(
         self, other: Identity, mine: str = "here", theirs: str = "peer"
-    ) -> tuple[str, str] | None:
+    ) -> tuple[Code, str] | None:
         """``(code, reason)`` for the first difference from ``other``, else None.
 
         ``mine`` and ``theirs`` name the two sides in the reason (e.g. "server", "client").
         """
         if self.model != other.model:
             return (
-                "model",
+                Code.MODEL,
                 f"model differs: {mine} has {self.model!r}, {theirs} wants {other.model!r}",
             )
         if (self.world_size, self.tensor_parallel_size, self.pipeline_parallel_size) != (
@@ -83,12 +83,12 @@ class Identity:
             other.pipeline_parallel_size,
         ):
             return (
-                "layout",
+                Code.LAYOUT,
                 f"parallel layout differs: {mine} has {self.layout}, {theirs} wants {other.layout}",
             )
         if self.rank != other.rank:
             return (
-                "rank",
+                Code.RANK,
                 f"rank differs: {mine} has rank {self.rank}, {theirs} wants rank {other.rank}",
             )
         return None

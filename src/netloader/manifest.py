@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from netloader.errors import ProtocolError
+from netloader.errors import ProtocolError, shorten
 
 # Dtypes by the name torch gives them. Names from the network are looked up here, never with
 # getattr(torch, name). Dtypes missing from an older torch are skipped.
@@ -146,14 +146,9 @@ class Manifest:
         ]
         problems = []
         if only_a:
-            problems.append(f"{len(only_a)} tensor(s) only at {mine}: {_some(only_a)}")
+            problems.append(f"{len(only_a)} tensor(s) only at {mine}: {shorten(only_a)}")
         if only_b:
-            problems.append(f"{len(only_b)} tensor(s) only at {theirs}: {_some(only_b)}")
+            problems.append(f"{len(only_b)} tensor(s) only at {theirs}: {shorten(only_b)}")
         if differ:
-            problems.append(f"{len(differ)} tensor(s) differ in dtype or shape: {_some(differ)}")
+            problems.append(f"{len(differ)} tensor(s) differ in dtype or shape: {shorten(differ)}")
         return "; ".join(problems) or None
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -24,11 +24,12 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
-from netloader.errors import ProtocolError
+from netloader.errors import ProtocolError, Refused
 from netloader.identity import Identity
 from netloader.manifest import Manifest
+from netloader.plan import MAX_CHUNK, MIN_CHUNK
 
 PROTOCOL_VERSION = 1
 MAGIC = b"NLDR"
@@ -224,8 +225,6 @@ class Accept(Message):
 
     @classmethod
     def from_json(cls, o: dict) -> Accept:
-        from netloader.plan import MAX_CHUNK, MIN_CHUNK
-
         manifest = Manifest.from_json(o.get("manifest"))
         n = len(manifest)
         aliases = {}
@@ -269,7 +268,7 @@ class Accept(Message):
 
 @dataclass
 class Refuse(Message):
-    """Server -> client: no, and why. ``code`` is one of the REFUSAL codes."""
+    """Server -> client: no, and why. ``code`` is an ``errors.Code``."""
 
     kind: ClassVar[str] = "refuse"
     code: str
@@ -310,7 +309,7 @@ class Done(Message):
     kind: ClassVar[str] = "done"
     ok: bool
     reason: str = ""
-    #: "integrity" when received bytes did not match the digests: the server re-checks itself.
+    #: Code.INTEGRITY when received bytes did not match the digests: the server re-checks itself.
     code: str = ""
 
     @classmethod
@@ -322,6 +321,9 @@ MESSAGES: dict[str, type[Message]] = {
     m.kind: m
     for m in (Hello, PullRequest, InfoRequest, StreamAttach, Accept, Refuse, InfoReply, Done)
 }
+
+
+M = TypeVar("M", bound=Message)
 
 
 def encode(msg: Message) -> bytes:
@@ -391,15 +393,34 @@ class Channel:
         self.sock.settimeout(self._wait(deadline))
         self.sock.sendall(encode(msg))
 
-    def recv(self, *expected: type[Message], deadline: float | None = None) -> Message:
-        limit = max(m.limit for m in expected)
+    def send_if_open(self, msg: Message, within: float = 1.0) -> None:
+        """Send ``msg`` if the connection still takes it within ``within`` seconds; a last word
+        (a refusal, a verdict) that the peer may no longer be there to read."""
+        with contextlib.suppress(OSError):
+            self.send(msg, time.monotonic() + within)
+
+    def recv(self, kind: type[M], *, deadline: float | None = None, refusal: bool = False) -> M:
+        """The next message, which must be a ``kind``; anything else is a ProtocolError.
+
+        With ``refusal=True`` the peer may answer with a ``Refuse`` instead, raised here as
+        :class:`Refused` (for a client, whose every question may be refused).
+        """
+        kinds = (kind, Refuse) if refusal else (kind,)
+        msg = self.recv_any(*kinds, deadline=deadline)
+        if isinstance(msg, Refuse) and kind is not Refuse:
+            raise Refused(f"refused: {msg.reason}", code=msg.code)
+        return cast(M, msg)
+
+    def recv_any(self, *kinds: type[Message], deadline: float | None = None) -> Message:
+        """The next message, which must be one of ``kinds``; the caller dispatches on its type."""
+        limit = max(m.limit for m in kinds)
         header = self.recv_exact(HEADER.size, deadline)
         magic, length = HEADER.unpack(header)
         if magic != MAGIC:
             raise ProtocolError("not a netloader peer (bad frame magic)")
         if length > limit:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
-        return decode(self.recv_exact(length, deadline), expected)
+        return decode(self.recv_exact(length, deadline), kinds)
 
     def recv_exact(self, n: int, deadline: float | None = None) -> bytearray:
         """Read exactly ``n`` bytes, growing the buffer only as bytes arrive."""

@@ -1,4 +1,4 @@
-"""Generated checkpoints shaped like a real LLM, for the demo, the benchmark and the tests.
+"""Generated checkpoints shaped like a real LLM, for ``netloader bench``, the demo and the tests.
 
 No download: a seeded generator fills a few large matrices (bf16 projections, int8 quantized
 weights with fp32 scales) and many small fp32 norm and bias tensors, the mix that makes small
@@ -6,9 +6,6 @@ tensors and large ones both matter for a transfer.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 
@@ -39,62 +36,4 @@ def llm_like(total_bytes: int, *, seed: int = 0, hidden: int = 1024) -> dict[str
         out[p + "post_attention_layernorm.weight"] = normal(hidden, dtype=torch.float32)
     out["model.norm.weight"] = normal(hidden, dtype=torch.float32)
     out["lm_head.weight"] = normal(8192, hidden)
-    return out
-
-
-def tiny_llama(
-    path: str | os.PathLike[str],
-    *,
-    hidden: int = 256,
-    layers: int = 2,
-    intermediate: int = 512,
-    heads: int = 4,
-    vocab: int = 512,
-    seed: int = 0,
-    tie_word_embeddings: bool = True,
-    initializer_range: float = 0.1,
-) -> Path:
-    """Write a randomly initialised Llama with a locally trained tokenizer to ``path``.
-
-    Its greedy outputs are meaningless but deterministic, which is all a consistency check
-    needs. Needs ``transformers`` and ``tokenizers`` (both come with vLLM). Head dim 64: the vLLM
-    CPU attention kernels refuse 16. ``initializer_range`` 0.1 (not the usual 0.02) makes greedy
-    outputs vary from token to token, so that wrong weights show up in them.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    out = Path(path)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=initializer_range,
-    )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    corpus = [
-        "the quick brown fox jumps over the lazy dog",
-        "weights travel from a running instance to a new one",
-        "hello world this is a tiny test corpus for a tokenizer",
-    ]
-    bpe.train_from_iterator(corpus * 50, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(out)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from netloader.transport.base import Incoming, Outgoing, TensorsChanged, Transport
+from netloader.transport.base import Incoming, Outgoing, Transport
 from netloader.transport.process_group import GlooTransport, HcclTransport, NcclTransport
 from netloader.transport.tcp import TcpTransport
 
@@ -19,4 +19,4 @@ def preferred(device: torch.device) -> list[str]:
     return [*names, TcpTransport.name]
 
 
-__all__ = ["TRANSPORTS", "Incoming", "Outgoing", "TensorsChanged", "Transport", "preferred"]
+__all__ = ["TRANSPORTS", "Incoming", "Outgoing", "Transport", "preferred"]

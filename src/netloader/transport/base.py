@@ -1,14 +1,14 @@
 """The data-plane interface: a transport moves the chunks of one accepted pull.
 
 The control connection (``protocol``) decides *what* moves; a transport decides *how*. Each
-transport is one module with one class; the server calls ``offer`` then ``send`` in the
-session's thread, the client calls ``receive``. Both sides see the same ``Plan``.
+transport is one module with one class and declares what it needs from the server: how many
+streams it can use, and whether data connections reach it through the server's listening port
+(``attach``). The server calls ``offer`` then ``send`` in the session's thread; the client calls
+``receive``. Both sides see the same ``Plan``.
 """
 
 from __future__ import annotations
 
-import queue
-import select
 import socket
 import threading
 from abc import ABC, abstractmethod
@@ -19,13 +19,10 @@ from typing import Any, ClassVar
 import torch
 
 from netloader.digest import digest
-from netloader.errors import IntegrityError, NetloaderError
+from netloader.errors import IntegrityError, TensorsChanged
 from netloader.plan import Plan
-from netloader.tensors import Snapshot, describe_changed, host_view
-
-
-class TensorsChanged(NetloaderError):
-    """A served tensor no longer holds the bytes it had at capture; sending it would be wrong."""
+from netloader.snapshot import Snapshot, describe_changed
+from netloader.tensors import host_view
 
 
 @dataclass
@@ -37,32 +34,16 @@ class Outgoing:
     streams: int
     host: str
     idle: float
-    #: Data connections the listener attached to this session (TCP transport).
-    sockets: queue.Queue[socket.socket] = field(default_factory=queue.Queue)
-    #: Every data connection ever attached, so the server can close them all afterwards.
-    attached: list[socket.socket] = field(default_factory=list)
-    cancelled: threading.Event = field(default_factory=threading.Event)
     #: Re-hash each chunk just before sending it and refuse if it changed since capture.
-    verify: bool = True
-    #: The session's control connection, watched for a client that went away early.
-    control: socket.socket | None = None
-
-    def client_gone(self) -> bool:
-        """True once the client closed its control connection (checked without blocking)."""
-        if self.control is None:
-            return False
-        try:
-            readable, _, _ = select.select([self.control], [], [], 0)
-            return bool(readable) and self.control.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
+    verify: bool = False
+    #: True once the client went away (its control connection closed), checked without blocking.
+    client_gone: Callable[[], bool] = lambda: False
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def check(self, index: int, views: list[memoryview]) -> None:
         expected = self.snapshot.digests
         if self.verify and expected is not None and digest(views) != expected[index]:
-            specs = self.snapshot.manifest.specs
-            names = [specs[p.slot].name for p in self.snapshot.plan.pieces(index)]
-            raise TensorsChanged(describe_changed(names))
+            raise TensorsChanged(describe_changed(self.snapshot.names_in(index)))
 
 
 @dataclass
@@ -76,9 +57,11 @@ class Incoming:
     plan: Plan
     #: One flat uint8 destination per slot (an empty tensor for aliases), any device.
     buffers: list[torch.Tensor]
+    #: The server's digest of every chunk, or None to skip verification.
     digests: list[int] | None
     idle: float
-    offer: dict[str, Any]
+    #: Transport-specific facts from the server's Accept (e.g. a rendezvous port).
+    offer: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[int], None] | None = None
     #: Set once the first byte was written into a destination.
     wrote: bool = False
@@ -98,6 +81,8 @@ class Incoming:
 
 class Transport(ABC):
     name: ClassVar[str]
+    #: The most streams this transport runs for one transfer (the server caps it further).
+    max_streams: ClassVar[int] = 1
 
     @classmethod
     @abstractmethod
@@ -109,14 +94,24 @@ class Transport(ABC):
         """Extra facts the client needs (sent in Accept), e.g. a rendezvous port."""
         return {}
 
+    def attach(self, sock: socket.socket, index: int) -> bool:
+        """Take data connection ``index`` that arrived at the server's port for this transfer;
+        False if this transport takes none (or no more), and the server closes it."""
+        return False
+
     @abstractmethod
     def send(self, out: Outgoing) -> None:
         """Send every chunk of ``out``; raises on failure. Runs in the session's thread."""
 
+    def close(self) -> None:  # noqa: B027 - an optional hook: most transports hold nothing
+        """Release what ``offer`` and ``attach`` took; the server calls it however the transfer
+        ended (and from another thread, to stop one). Safe to call more than once."""
+
     # --- client side ---
     @abstractmethod
     def receive(self, inc: Incoming) -> None:
-        """Receive every chunk into ``inc.buffers``; raises a PullError on failure."""
+        """Receive every chunk into ``inc.buffers``. Raises a PullError, or a builtin
+        TimeoutError / OSError / ProtocolError that the client maps to one."""
 
 
 class Staging:

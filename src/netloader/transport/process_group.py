@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-from typing import Any, ClassVar
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from netloader.errors import PeerClosed, PullError, TransferTimeout
+from netloader.errors import ProtocolError
 from netloader.transport.base import Incoming, Outgoing, Staging, Transport
 
 SERVER_RANK, CLIENT_RANK = 0, 1
@@ -55,9 +57,8 @@ class ProcessGroupTransport(Transport):
         assert self.store is not None, "offer() must run before send()"
         plan = out.snapshot.plan
         staging = Staging(plan, out.snapshot.buffers)
-        group = self._group(
-            dist.PrefixStore(out.session, self.store), SERVER_RANK, out.host, out.idle
-        )
+        store = dist.PrefixStore(out.session, self.store)
+        group = _timed(lambda: self._group(store, SERVER_RANK, out.host, out.idle), out.idle)
         try:
             for index in range(plan.num_chunks):
                 if out.cancelled.is_set():
@@ -66,24 +67,30 @@ class ProcessGroupTransport(Transport):
                     out.check(index, staging.views(index, load=True))
                 pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]
                 chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-                group.send([chunk], CLIENT_RANK, 0).wait(_delta(out.idle))
+                _move(group.send, chunk, CLIENT_RANK, out.idle)
         finally:
             del group
-            self.store = None
+            self.close()
+
+    def close(self) -> None:
+        self.store = None
 
     # --- client ---------------------------------------------------------------------------
 
     def receive(self, inc: Incoming) -> None:
         port = inc.offer.get("store_port")
         if type(port) is not int or not 0 < port < 65536:
-            raise PullError("server's accept names no valid store_port for the process group")
-        try:
-            store = dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle))
-            group = self._group(
+            raise ProtocolError("server's accept names no valid store_port for the process group")
+        store = _timed(
+            lambda: dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle)),
+            inc.idle,
+        )
+        group = _timed(
+            lambda: self._group(
                 dist.PrefixStore(inc.session, store), CLIENT_RANK, inc.host, inc.idle
-            )
-        except (RuntimeError, TimeoutError) as exc:
-            raise PeerClosed(f"process-group rendezvous failed: {exc}") from None
+            ),
+            inc.idle,
+        )
         plan = inc.plan
         staging = Staging(plan, inc.buffers)
         try:
@@ -96,7 +103,7 @@ class ProcessGroupTransport(Transport):
                         plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device
                     )
                 inc.wrote = True
-                group.recv([chunk], SERVER_RANK, 0).wait(_delta(inc.idle))
+                _move(group.recv, chunk, SERVER_RANK, inc.idle)
                 if len(pieces) > 1:
                     offset = 0
                     for piece in pieces:
@@ -105,11 +112,6 @@ class ProcessGroupTransport(Transport):
                 if inc.digests is not None:
                     inc.verify(index, staging.views(index, load=True))
                 inc.advance(plan.chunk_bytes(index))
-        except RuntimeError as exc:
-            text = str(exc)
-            if "timed out" in text.lower() or "timeout" in text.lower():
-                raise TransferTimeout(f"process group: {text}", partial=inc.wrote) from None
-            raise PeerClosed(f"process group: {text}", partial=inc.wrote) from None
         finally:
             del group
 
@@ -119,11 +121,7 @@ class GlooTransport(ProcessGroupTransport):
     device_type = "cpu"
 
     def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
-        options = dist.ProcessGroupGloo._Options()
-        options._timeout = _delta(timeout)
-        # Bind gloo to the peer-facing address, not whatever the hostname resolves to.
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        return dist.ProcessGroupGloo(store, rank, 2, options)
+        return gloo_pair(store, rank, host, timeout)
 
 
 class NcclTransport(ProcessGroupTransport):
@@ -156,6 +154,38 @@ class HcclTransport(ProcessGroupTransport):
         options = ProcessGroupHCCL.Options()
         options._timeout = _delta(timeout)
         return ProcessGroupHCCL(store, rank, 2, options)
+
+
+def gloo_pair(store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+    """A two-rank gloo group on ``store``, bound to ``host`` (the peer-facing address, not
+    whatever the hostname resolves to)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = _delta(timeout)
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, 2, options)
+
+
+T = TypeVar("T")
+
+
+def _move(op: Callable[..., Any], chunk: torch.Tensor, peer: int, limit: float) -> None:
+    """One send or receive of ``chunk`` to or from ``peer``, waiting at most ``limit`` s."""
+    _timed(lambda: op([chunk], peer, 0).wait(_delta(limit)), limit)
+
+
+def _timed(call: Callable[[], T], limit: float) -> T:
+    """Run a torch.distributed call that waits at most ``limit`` seconds, turning its failures
+    into builtin errors. Backends raise plain RuntimeErrors for timeouts and broken peers alike
+    (gloo: "Timed out waiting ...", "Application timeout caused pair closure"), so a failure
+    after waiting the whole limit is a TimeoutError, anything sooner a ConnectionError."""
+    start = time.monotonic()
+    try:
+        return call()
+    except RuntimeError as exc:
+        waited = time.monotonic() - start
+        if waited >= 0.95 * limit:
+            raise TimeoutError(f"process group: no progress for {waited:.1f} s: {exc}") from None
+        raise ConnectionError(f"process group: {exc}") from None
 
 
 def _delta(seconds: float) -> datetime.timedelta:

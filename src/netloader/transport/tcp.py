@@ -9,7 +9,6 @@ straight into the destination tensors' own memory. Python never touches a weight
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import queue
 import socket
@@ -21,15 +20,16 @@ from collections.abc import Callable
 import torch
 
 from netloader.errors import (
-    IntegrityError,
-    PeerClosed,
+    Code,
     ProtocolError,
     PullError,
     Refused,
-    TransferTimeout,
+    TensorsChanged,
 )
+from netloader.options import MAX_STREAMS
 from netloader.protocol import Channel, Hello, Refuse, StreamAttach, encode
-from netloader.transport.base import Incoming, Outgoing, Staging, TensorsChanged, Transport
+from netloader.sockets import close, connect, kernel_timeouts, shutdown
+from netloader.transport.base import Incoming, Outgoing, Staging, Transport
 
 CHUNK_HEADER = struct.Struct("!q")
 END = -1  # this stream carries no more chunks
@@ -40,12 +40,38 @@ LARGE = 256 << 10  # buffers at least this big get a system call of their own
 
 class TcpTransport(Transport):
     name = "tcp"
+    max_streams = MAX_STREAMS
+
+    def __init__(self) -> None:
+        self._expected = 0
+        self._lock = threading.Lock()
+        #: Data connections the listener handed over, in arrival order; each starts at once.
+        self._arrived: queue.Queue[socket.socket] = queue.Queue()
+        self._attached: list[socket.socket] = []
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
         return True  # device tensors are staged through a chunk-sized host buffer
 
     # --- server ---------------------------------------------------------------------------
+
+    def offer(self, out: Outgoing) -> dict[str, object]:
+        self._expected = out.streams
+        return {}
+
+    def attach(self, sock: socket.socket, index: int) -> bool:
+        with self._lock:
+            if index >= self._expected or len(self._attached) >= self._expected:
+                return False
+            self._attached.append(sock)
+        self._arrived.put(sock)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            attached, self._expected = list(self._attached), 0
+        for sock in attached:
+            close(sock)
 
     def send(self, out: Outgoing) -> None:
         counter = itertools.count()
@@ -56,27 +82,28 @@ class TcpTransport(Transport):
                 index = next(counter)
             return index if index < out.snapshot.plan.num_chunks else None
 
-        def attached(index: int) -> socket.socket:
-            # Data connections arrive through the listener; each starts sending at once. A client
-            # that dies before attaching them all must not hold its slot for the idle limit.
-            deadline = time.monotonic() + out.idle
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    return out.sockets.get(timeout=min(left, 0.25))
-                except queue.Empty:
-                    if out.client_gone() or out.cancelled.is_set():
-                        raise ConnectionResetError(
-                            "client left before attaching its streams"
-                        ) from None
-            raise TimeoutError(f"client attached fewer than {out.streams} streams")
+        try:
+            _run_streams(
+                out.streams,
+                lambda index: self._wait_attached(out),
+                lambda s, mark: _send_stream(s, out, next_chunk, mark),
+                out.cancelled,
+                out.idle,
+            )
+        finally:
+            self.close()
 
-        _run_streams(
-            out.streams,
-            attached,
-            lambda s, mark: _send_stream(s, out, next_chunk, mark),
-            out.cancelled,
-            out.idle,
-        )
+    def _wait_attached(self, out: Outgoing) -> socket.socket:
+        """The next data connection. A client that dies before attaching them all must not
+        hold its slot for the idle limit."""
+        deadline = time.monotonic() + out.idle
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                return self._arrived.get(timeout=min(left, 0.25))
+            except queue.Empty:
+                if out.client_gone() or out.cancelled.is_set():
+                    raise ConnectionResetError("client left before attaching its streams") from None
+        raise TimeoutError(f"client attached fewer than {out.streams} streams")
 
     # --- client ---------------------------------------------------------------------------
 
@@ -92,27 +119,16 @@ class TcpTransport(Transport):
                     raise ProtocolError(f"server sent chunk {index} twice")
                 seen[index] = 1
 
-        try:
-            _run_streams(
-                inc.streams,
-                lambda index: _attach(inc, index),
-                lambda s, mark: _recv_stream(s, inc, claim, mark),
-                threading.Event(),
-                inc.idle,
-            )
-        except PullError:
-            raise
-        except TimeoutError as exc:
-            raise TransferTimeout(f"transfer stalled: {exc}", partial=inc.wrote) from None
-        except (ConnectionError, OSError) as exc:
-            raise PeerClosed(f"data connection lost: {exc}", partial=inc.wrote) from None
-        except ProtocolError as exc:
-            raise PullError(f"bad data from server: {exc}", partial=inc.wrote) from None
+        _run_streams(
+            inc.streams,
+            lambda index: _attach(inc, index),
+            lambda s, mark: _recv_stream(s, inc, claim, mark),
+            threading.Event(),
+            inc.idle,
+        )
         missing = inc.plan.num_chunks - sum(seen)
         if missing:
-            raise PeerClosed(
-                f"server ended the transfer with {missing} chunk(s) unsent", partial=inc.wrote
-            )
+            raise ConnectionResetError(f"server ended the transfer with {missing} chunk(s) unsent")
 
 
 # --- one stream ---------------------------------------------------------------------------
@@ -133,7 +149,7 @@ def _send_stream(
         try:
             out.check(index, views)
         except TensorsChanged as exc:
-            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse("changed", str(exc))))
+            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(Code.CHANGED, str(exc))))
             raise
         send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
         mark()
@@ -155,9 +171,7 @@ def _recv_stream(
         if index == END:
             return
         if index == ERROR:
-            sock.settimeout(inc.idle)
             refusal = Channel(sock, inc.idle).recv(Refuse)
-            assert isinstance(refusal, Refuse)
             raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
         claim(index)
         views = staging.views(index, load=False)
@@ -170,9 +184,8 @@ def _recv_stream(
 
 
 def _attach(inc: Incoming, index: int) -> socket.socket:
-    sock = socket.create_connection((inc.host, inc.port), timeout=inc.idle)
+    sock = connect(inc.host, inc.port, inc.idle)
     try:
-        tune(sock)
         channel = Channel(sock, inc.idle)
         channel.recv(Hello)
         channel.send(StreamAttach(inc.session, index))
@@ -237,36 +250,16 @@ def _run_streams(
                 stop_all(TimeoutError(f"no chunk completed for {idle:g} s"))
     finally:
         for s in socks:
-            _close(s)
+            close(s)
     if errors:
         # Prefer the error that explains the stop over the closures it caused in other streams.
         for exc in errors:
-            if isinstance(
-                exc, Refused | IntegrityError | TensorsChanged | ProtocolError | TimeoutError
-            ):
+            if isinstance(exc, PullError | TensorsChanged | ProtocolError | TimeoutError):
                 raise exc
         raise errors[0]
 
 
-# --- socket helpers -----------------------------------------------------------------------
-
-
-def tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def kernel_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Blocking mode with SO_RCVTIMEO/SO_SNDTIMEO, so the kernel enforces the idle bound.
-
-    Python's own socket timeouts poll before every call and force a Python-level loop on
-    every partial read or write; kernel timeouts let ``sendall`` and ``MSG_WAITALL`` reads
-    loop inside C. A wait that exceeds the bound fails with EAGAIN, turned into TimeoutError.
-    """
-    sock.settimeout(None)
-    whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+# --- vectored I/O ----------------------------------------------------------------------
 
 
 def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
@@ -337,14 +330,3 @@ def _advance(bufs: list[memoryview], i: int, done: int) -> tuple[int, list[memor
             bufs[i] = bufs[i][done:]
             done = 0
     return i, bufs
-
-
-def shutdown(sock: socket.socket) -> None:
-    """Shut a socket down both ways, waking any thread blocked on it; errors ignored."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _close(sock: socket.socket) -> None:
-    shutdown(sock)
-    sock.close()

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netloader.client import (
+from netloader.client import parse_source
+from netloader.errors import ConfigError, check_seconds
+from netloader.options import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
-    parse_source,
+    SERVER_HANDSHAKE_TIMEOUT,
+    Limits,
+    PullOptions,
+    ServeOptions,
+    Timeouts,
 )
-from netloader.errors import ConfigError, check_seconds
-from netloader.server import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CLIENTS
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
 
@@ -50,13 +54,32 @@ class NetloaderConfig:
     output_prefix: str | None = None
     token_file: str | None = None
     listen_host: str | None = None
-    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_clients: int = Limits.max_clients
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
     def sources_for(self, rank: int) -> list[str]:
         return list(self.sources.get(rank, ()))
+
+    def pull_options(self, token: bytes | None) -> PullOptions:
+        # The client's handshake clock also covers connecting; the server may queue it.
+        timeouts = Timeouts(
+            connect=self.connect_timeout,
+            handshake=self.handshake_timeout + self.connect_timeout,
+            idle=self.idle_timeout,
+        )
+        return PullOptions(token=token, timeouts=timeouts)
+
+    def serve_options(self, host: str, token: bytes | None) -> ServeOptions:
+        return ServeOptions(
+            host=self.listen_host or host,
+            listen_port=self.listen_port,
+            output_prefix=self.output_prefix,
+            token=token,
+            limits=Limits(max_clients=self.max_clients),
+            timeouts=Timeouts(handshake=self.handshake_timeout, idle=self.idle_timeout),
+        )
 
     @classmethod
     def parse(cls, extra: Mapping[str, Any] | None) -> NetloaderConfig:
@@ -90,9 +113,9 @@ class NetloaderConfig:
             output_prefix=_optional_str(values, "OUTPUT_PREFIX"),
             token_file=_optional_str(values, "TOKEN_FILE"),
             listen_host=_optional_str(values, "LISTEN_HOST"),
-            max_clients=_positive(values, "MAX_CLIENTS", DEFAULT_MAX_CLIENTS, integer=True),
+            max_clients=_positive(values, "MAX_CLIENTS", Limits.max_clients, integer=True),
             connect_timeout=_positive(values, "CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            handshake_timeout=_positive(values, "HANDSHAKE_TIMEOUT", DEFAULT_HANDSHAKE_TIMEOUT),
+            handshake_timeout=_positive(values, "HANDSHAKE_TIMEOUT", SERVER_HANDSHAKE_TIMEOUT),
             idle_timeout=_positive(values, "IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
         )
 

@@ -15,14 +15,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from netloader.options import with_keywords
+from netloader.sockets import free_port
 
 START_TIMEOUT = 300
 WEIGHTS_PHASE = re.compile(
@@ -51,12 +53,6 @@ def vllm_env(tp: int = 1) -> dict[str, str]:
     if tp == 2:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Process:
@@ -102,41 +98,36 @@ class _Process:
         self.kill()
 
 
-class OfflineInstance(_Process):
-    """An ``LLM(...)`` in a child process: generates for ``prompts``, then holds if asked."""
+@dataclass(frozen=True)
+class Run:
+    """What an ``OfflineInstance`` does: generate for ``prompts`` (greedy, ``max_tokens`` each)
+    with ``tp`` workers, ``load_format`` and its ``extra`` config; with ``hold`` it then stays
+    up (its netloader servers keep serving) until stopped."""
 
-    def __init__(
-        self,
-        model: Path,
-        log: Path,
-        *,
-        prompts: list[str],
-        tp: int = 1,
-        load_format: str = "netloader",
-        extra: dict[str, Any] | None = None,
-        hold: bool = False,
-        max_tokens: int = 12,
-    ):
-        cmd = [
-            sys.executable,
-            "-m",
-            "netloader.harness",
-            "--model",
-            str(model),
-            "--tp",
-            str(tp),
-            "--load-format",
-            load_format,
-            "--prompts",
-            json.dumps(prompts),
-            "--max-tokens",
-            str(max_tokens),
-        ]
-        if extra is not None:
-            cmd += ["--extra", json.dumps(extra)]
-        if hold:
+    prompts: list[str] = field(default_factory=list)
+    tp: int = 1
+    load_format: str = "netloader"
+    extra: dict[str, Any] | None = None
+    hold: bool = False
+    max_tokens: int = 12
+
+    def command(self, model: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "netloader.testing.harness", "--model", str(model)]
+        cmd += ["--tp", str(self.tp), "--load-format", self.load_format]
+        cmd += ["--prompts", json.dumps(self.prompts), "--max-tokens", str(self.max_tokens)]
+        if self.extra is not None:
+            cmd += ["--extra", json.dumps(self.extra)]
+        if self.hold:
             cmd.append("--hold")
-        super().__init__(cmd, log, tp)
+        return cmd
+
+
+class OfflineInstance(_Process):
+    """An ``LLM(...)`` in a child process, doing ``run`` (keywords set its fields)."""
+
+    def __init__(self, model: Path, log: Path, run: Run | None = None, **keywords: Any):
+        run = with_keywords(run or Run(), keywords)
+        super().__init__(run.command(model), log, run.tp)
 
     def outputs(self, timeout: float = START_TIMEOUT) -> list[str]:
         """Wait for the generated texts (raises with the log tail if the instance died)."""
@@ -215,7 +206,7 @@ class ApiServer(_Process):
             return json.loads(response.read())["choices"][0]["text"]
 
 
-# --- the offline driver: python -m netloader.harness ---------------------------------------
+# --- the offline driver: python -m netloader.testing.harness ---------------------------------------
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from netloader import auth
 from netloader.client import pull
-from netloader.config import NetloaderConfig
 from netloader.errors import PullError
 from netloader.identity import Identity
+from netloader.integrations.vllm.config import NetloaderConfig
 from netloader.server import Server
-from netloader.tensors import Snapshot, describe_changed
+from netloader.snapshot import Snapshot, describe_changed
 
 LOAD_FORMAT = "netloader"
 log = init_logger("vllm.netloader")
@@ -46,8 +46,8 @@ _SERVERS: list[Server] = []
 _registered = False
 
 
-def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group; safe to call any number of times."""
+def register_loader() -> None:
+    """Register the load format with vLLM, once per process."""
     global _registered
     if not _registered:
         register_model_loader(LOAD_FORMAT)(NetloaderModelLoader)
@@ -146,18 +146,9 @@ class NetloaderModelLoader(DefaultModelLoader):
             meta = [n for n, t in tensors.items() if t.device.type == "meta"]
             if meta:
                 raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
-            cfg = self.config
+            options = self.config.pull_options(self.token)
             try:
-                result = pull(
-                    self._pull_from,
-                    self._identity,
-                    into=tensors,
-                    token=self.token,
-                    connect_timeout=cfg.connect_timeout,
-                    # The client's clock also covers connecting; the server may queue it.
-                    handshake_timeout=cfg.handshake_timeout + cfg.connect_timeout,
-                    idle_timeout=cfg.idle_timeout,
-                )
+                result = pull(self._pull_from, self._identity, into=tensors, options=options)
             except PullError:
                 raise
             except Exception as exc:  # a netloader bug must cost a fallback, not the instance
@@ -202,18 +193,7 @@ class NetloaderModelLoader(DefaultModelLoader):
         from vllm.utils.network_utils import get_ip
 
         changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
-        cfg = self.config
-        server = Server(
-            snapshot,
-            identity,
-            host=cfg.listen_host or get_ip(),
-            listen_port=cfg.listen_port,
-            output_prefix=cfg.output_prefix,
-            token=self.token,
-            max_clients=cfg.max_clients,
-            handshake_timeout=cfg.handshake_timeout,
-            idle_timeout=cfg.idle_timeout,
-        )
+        server = Server(snapshot, identity, self.config.serve_options(get_ip(), self.token))
         if changed:
             server.unavailable = (
                 f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "

@@ -1,0 +1,81 @@
+"""What a server checks before it serves: protocol version, the shared token, identity,
+manifest, availability and a common transport. Each check answers with a refusal (a code and
+a reason for people) or None; nothing here touches a socket."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netloader import auth
+from netloader.errors import Code
+from netloader.identity import Identity
+from netloader.protocol import PROTOCOL_VERSION, Hello, InfoRequest, PullRequest
+from netloader.snapshot import Snapshot
+from netloader.transport import TRANSPORTS
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: Code | str
+    reason: str
+
+
+class Gate:
+    """The checks of one server, which serves ``snapshot`` as ``identity``."""
+
+    def __init__(self, identity: Identity, snapshot: Snapshot, token: bytes | None):
+        self.identity = identity
+        self.snapshot = snapshot
+        self.token = token
+
+    def greeting(self) -> Hello:
+        return Hello(PROTOCOL_VERSION, auth.new_nonce(), self.token is not None)
+
+    def authenticate(self, hello: Hello, request: PullRequest | InfoRequest) -> Refusal | None:
+        if self.token is None:
+            return None
+        if auth.check(self.token, request.mac, "client", request.kind, hello.nonce, request.nonce):
+            return None
+        if request.mac is None:
+            reason = (
+                "authentication failed: this server requires the shared token "
+                "(--token-file, NETLOADER_TOKEN or TOKEN_FILE)"
+            )
+        else:
+            reason = "authentication failed: wrong token"
+        return Refusal(Code.AUTH, reason)
+
+    def proof(self, *parts: str) -> str | None:
+        """This server's proof that it knows the token, over the conversation's ``parts``."""
+        return None if self.token is None else auth.mac(self.token, "server", *parts)
+
+    def check_pull(self, hello: Hello, request: PullRequest) -> Refusal | None:
+        """Whether ``request`` may be served, in the order a client can act on."""
+        if request.protocol != PROTOCOL_VERSION:
+            return Refusal(
+                Code.PROTOCOL,
+                f"protocol version {request.protocol} is not supported; "
+                f"this server speaks {PROTOCOL_VERSION}",
+            )
+        refusal = self.authenticate(hello, request)
+        if refusal is not None:
+            return refusal
+        mismatch = self.identity.mismatch(request.identity, "server", "client")
+        if mismatch:
+            return Refusal(*mismatch)
+        if request.manifest is not None:
+            reason = self.snapshot.manifest.mismatch(request.manifest, "server", "client")
+            if reason:
+                return Refusal(Code.MANIFEST, f"tensor manifest differs: {reason}")
+        return None
+
+    def transport_for(self, request: PullRequest) -> str | Refusal:
+        """The first transport the client offers that can carry this server's tensors."""
+        device = self.snapshot.device
+        for name in request.transports:
+            if name in TRANSPORTS and TRANSPORTS[name].supports(device):
+                return name
+        return Refusal(
+            Code.TRANSPORT,
+            f"none of the transports {request.transports} can serve {device} tensors here",
+        )
