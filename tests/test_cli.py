@@ -13,6 +13,7 @@ import torch
 from helpers import Proxy, ServerProcess, all_cases, assert_same, kill_after
 from safetensors.torch import load_file, save_file
 
+from netloader.protocol import PROTOCOL_VERSION
 from netloader.synthetic import llm_like
 
 NETLOADER = str(Path(sys.executable).with_name("netloader"))
@@ -82,7 +83,7 @@ def test_info(served, checkpoint):
         "pipeline_parallel_size": 1,
         "rank": 0,
     }
-    assert out["protocol"] == 1
+    assert out["protocol"] == PROTOCOL_VERSION
     assert out["tensors"] == len(tensors)
     assert out["total_bytes"] == sum(t.nbytes for t in tensors.values())
 

@@ -7,6 +7,7 @@ Exit status: 0 on success, 1 when the operation failed (one line on stderr names
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,19 +23,21 @@ from tqdm import tqdm
 from netloader import auth
 from netloader.checkpoint import SafetensorsOutput, load_checkpoint
 from netloader.client import PullResult, info, pull
-from netloader.errors import ConfigError, NetloaderError
+from netloader.errors import AllSourcesFailed, ConfigError, NetloaderError, PullError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
 from netloader.options import (
     CLIENT_HANDSHAKE_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_SOURCES,
     SERVER_HANDSHAKE_TIMEOUT,
     Limits,
     PullHooks,
     PullOptions,
     ServeOptions,
     Timeouts,
+    parse_rate,
 )
 from netloader.server import Server
 
@@ -97,6 +100,14 @@ def _serve_parser(sub: Any) -> None:
         help="clients that may queue for a slot; more are refused as busy",
     )
     serve.add_argument(
+        "--max-upload-rate",
+        type=_rate,
+        default=None,
+        metavar="RATE",
+        help="send at most this much per second to all clients together, e.g. 100MB/s or "
+        "800Mbit/s (default: no cap)",
+    )
+    serve.add_argument(
         "--verify-before-send",
         action="store_true",
         help="hash every chunk again just before sending it (refuse tensors changed since load)",
@@ -107,14 +118,31 @@ def _serve_parser(sub: Any) -> None:
 
 
 def _pull_parser(sub: Any) -> None:
-    pull_ = sub.add_parser("pull", help="pull every tensor from a server")
-    pull_.add_argument("source", help="HOST:PORT")
+    pull_ = sub.add_parser(
+        "pull", help="pull every tensor from one server, or from several at once"
+    )
+    pull_.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="HOST:PORT; with several, the first that accepts defines the content and up to "
+        "--max-sources deliver chunks at once",
+    )
     pull_.add_argument(
         "--out", default=None, help="write DIR/model.safetensors (default: only measure)"
     )
     pull_.add_argument("--model", default=None, help="refuse a server that serves another model")
     pull_.add_argument(
-        "--streams", type=int, default=None, help="parallel TCP streams (default: per core, 2..8)"
+        "--streams",
+        type=int,
+        default=None,
+        help="parallel TCP streams per source (default: per core, 2..8)",
+    )
+    pull_.add_argument(
+        "--max-sources",
+        type=int,
+        default=DEFAULT_MAX_SOURCES,
+        help=f"sources delivering at once; the rest stand by (default {DEFAULT_MAX_SOURCES})",
     )
     _timeout_args(pull_, CLIENT_HANDSHAKE_TIMEOUT, connect=True)
     _token_arg(pull_)
@@ -179,6 +207,13 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        return parse_rate(text, "--max-upload-rate")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _token_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
@@ -216,6 +251,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptions:
         limits=Limits(max_clients=args.max_clients, max_waiting=args.max_waiting),
         timeouts=Timeouts(handshake=args.handshake_timeout, idle=args.idle_timeout),
         verify_before_send=args.verify_before_send,
+        max_upload_rate=args.max_upload_rate,
     )
 
 
@@ -276,30 +312,38 @@ def _pull(args: argparse.Namespace) -> int:
         timeouts=Timeouts(
             connect=args.connect_timeout, handshake=args.handshake_timeout, idle=args.idle_timeout
         ),
+        max_sources=args.max_sources,
     )
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")
-    served = info(args.source, token=options.token, connect_timeout=args.connect_timeout).identity
-    identity = Identity(
-        args.model or served.model,
-        served.rank,
-        served.world_size,
-        served.tensor_parallel_size,
-        served.pipeline_parallel_size,
-    )
-    result = _pull_to(out_dir, args.source, identity, options)
+    result = _pull_to(out_dir, args.sources, _identity(args, options), options)
     where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
     print(
         f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
-        f"from {result.source} over {result.transport} x{result.streams}{where}",
+        f"from {result.describe_sources()} over {result.transport} x{result.streams}{where}",
         flush=True,
     )
     return 0
 
 
+def _identity(args: argparse.Namespace, options: PullOptions) -> Identity:
+    """What to ask for: the first answering source's model and layout (``--model`` wins)."""
+    errors: list[PullError] = []
+    for source in args.sources:
+        try:
+            served = info(
+                source, token=options.token, connect_timeout=options.timeouts.connect
+            ).identity
+        except PullError as exc:
+            errors.append(exc)
+            continue
+        return dataclasses.replace(served, model=args.model or served.model)
+    raise errors[0] if len(errors) == 1 else AllSourcesFailed(errors)
+
+
 def _pull_to(
-    out_dir: Path | None, source: str, identity: Identity, options: PullOptions
+    out_dir: Path | None, sources: list[str], identity: Identity, options: PullOptions
 ) -> PullResult:
     """Pull into memory, or straight into ``out_dir/model.safetensors``: that file only gets
     its name once complete and verified, and a folder this command made is removed again if
@@ -323,7 +367,7 @@ def _pull_to(
     try:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-        result = pull(source, identity, options=options, hooks=hooks)
+        result = pull(sources, identity, options=options, hooks=hooks)
         if outputs:
             outputs[-1].commit()
         return result

@@ -27,6 +27,7 @@ class Code(StrEnum):
     UNAVAILABLE = "unavailable"  # the server no longer serves (e.g. its weights changed)
     CHANGED = "changed"  # a served tensor changed since capture; caught while sending
     INTEGRITY = "integrity"  # the client received bytes that do not match the digests
+    CONTENT = "content"  # a further source serves other bytes than the first one (not mixed in)
 
 
 class NetloaderError(Exception):

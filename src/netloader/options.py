@@ -8,6 +8,7 @@ Every value is checked when the object is made; a bad one raises ConfigError nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_CHUNK = 4 << 20
 MAX_STREAMS = 64
 MAX_DEFAULT_STREAMS = 8
+#: Sources a client takes chunks from at once. Four saturate a client's downlink when each
+#: source's uplink carries a quarter of it, without opening more connections than that pays.
+DEFAULT_MAX_SOURCES = 4
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,17 @@ class ServeOptions:
     timeouts: Timeouts = SERVER_TIMEOUTS
     chunk_size: int = DEFAULT_CHUNK
     verify_before_send: bool = False
+    #: Bytes per second this server sends at most, to all its clients together (None: no cap).
+    max_upload_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
             raise ConfigError(f"chunk_size {self.chunk_size} is outside {MIN_CHUNK}..{MAX_CHUNK}")
+        rate = self.max_upload_rate
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
+        ):
+            raise ConfigError(f"max_upload_rate must be a positive number of bytes/s, got {rate!r}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,8 @@ class PullOptions:
     ``streams``: parallel TCP streams (None: one per usable core, 2 to 8). ``transports``: names
     to offer, best first (None: the best for the destination's device, then TCP). ``max_bytes``:
     the most a pull into fresh tensors may allocate (None: this machine's memory for CPU).
-    ``verify``: check every chunk against the server's digests.
+    ``verify``: check every chunk against the server's digests. ``max_sources``: how many of
+    the given sources deliver chunks at once (the others stand by, in order, for one that fails).
     """
 
     token: bytes | None = field(default=None, repr=False)
@@ -109,10 +121,12 @@ class PullOptions:
     timeouts: Timeouts = Timeouts()
     max_bytes: int | None = None
     verify: bool = True
+    max_sources: int = DEFAULT_MAX_SOURCES
 
     def __post_init__(self) -> None:
         if self.streams is not None and not 1 <= self.streams <= MAX_STREAMS:
             raise ConfigError(f"streams must be in 1..{MAX_STREAMS}, got {self.streams}")
+        check_int("max_sources", self.max_sources, 1)
         if self.transports is not None:
             object.__setattr__(self, "transports", tuple(self.transports))
 
@@ -138,6 +152,40 @@ def default_streams() -> int:
     streams than cores still help to fill a fat link. The server caps it by the chunk count.
     """
     return max(2, min(MAX_DEFAULT_STREAMS, len(os.sched_getaffinity(0))))
+
+
+_RATE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "bit": 1 / 8,
+    "kbit": 10**3 / 8,
+    "mbit": 10**6 / 8,
+    "gbit": 10**9 / 8,
+}
+
+
+def parse_rate(value: object, name: str = "rate") -> float:
+    """Bytes per second from a number (bytes/s) or a string such as ``100MB/s``, ``800Mbit``,
+    ``1.5GiB/s``. ConfigError names the bad value and what is allowed."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
+    text = value.strip().lower().removesuffix("/s") if isinstance(value, str) else ""
+    unit = next((u for u in sorted(_RATE_UNITS, key=len, reverse=True) if text.endswith(u)), "")
+    try:
+        rate = float(text.removesuffix(unit)) * _RATE_UNITS.get(unit, 1)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate < math.inf:
+        raise ConfigError(
+            f"{name} = {value!r} is not a rate; give bytes per second as a number, or a string "
+            f"like 100MB/s, 800Mbit/s or 1GiB/s (units: {', '.join(_RATE_UNITS)})"
+        )
+    return rate
 
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from netloader.identity import Identity
 from netloader.manifest import Manifest
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the client asks for each chunk (several sources at once)
 MAGIC = b"NLDR"
 HEADER = struct.Struct("!4sI")
 MAX_FRAME = 64 << 20  # a manifest of ~400k tensors fits

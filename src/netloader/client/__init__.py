@@ -1,34 +1,28 @@
-"""The client: pulls one rank's tensors from the first source that can deliver them.
+"""The client: pulls one rank's tensors from the sources that can deliver them.
 
 With ``into`` the bytes land directly in the caller's tensors (after the server agreed that
 names, shapes and dtypes match); without it, tensors are allocated from the server's manifest,
 after checking its total size against ``max_bytes``. Any failure raises a ``PullError`` whose
 ``partial`` flag tells whether the caller's tensors were already written to.
 
-Its parts: ``control`` (the control connection: handshake, checks, verdict) and ``destination``
-(where the bytes land); the transport moves the bytes.
+Its parts: ``control`` (one control connection: handshake, checks, verdict), ``striped``
+(several sources at once, sharing a ``Board`` of chunks) and ``destination`` (where the bytes
+land); the transports move the bytes.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from netloader.client.control import Control, Endpoint
-from netloader.client.destination import Destination, device_of, prepare
-from netloader.errors import (
-    AllSourcesFailed,
-    ConfigError,
-    PeerClosed,
-    PullError,
-    TransferTimeout,
-    as_pull_error,
-)
+from netloader.client.destination import device_of, prepare
+from netloader.client.striped import Job, PullResult, Striped
+from netloader.errors import ConfigError, PullError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
 from netloader.options import (
@@ -39,26 +33,14 @@ from netloader.options import (
     Timeouts,
     with_keywords,
 )
-from netloader.protocol import PROTOCOL_VERSION, Accept, InfoReply, PullRequest, gc_paused
-from netloader.transport import TRANSPORTS, Incoming, preferred
+from netloader.protocol import PROTOCOL_VERSION, InfoReply, PullRequest, gc_paused
+from netloader.transport import TRANSPORTS, preferred
 
 log = logging.getLogger("netloader.client")
 
 _HOOKS = ("progress", "on_accept", "allocate")
 
-
-@dataclass
-class PullResult:
-    tensors: dict[str, torch.Tensor]
-    source: str
-    total_bytes: int
-    seconds: float
-    transport: str
-    streams: int
-
-    @property
-    def gbps(self) -> float:
-        return self.total_bytes / 1e9 / max(self.seconds, 1e-9)
+__all__ = ["PullResult", "info", "parse_source", "pull"]
 
 
 def parse_source(source: str) -> tuple[str, int]:
@@ -75,7 +57,8 @@ def pull(
     hooks: PullHooks | None = None,
     **keywords: Any,
 ) -> PullResult:
-    """Pull ``identity``'s tensors from the first of ``sources`` that delivers them.
+    """Pull ``identity``'s tensors from ``sources``: the first that accepts defines the content,
+    and up to ``max_sources`` of them deliver chunks at once (see ``client.striped``).
 
     ``into``: existing tensors to fill in place (names, shapes and dtypes must match the
     server's). Without it, fresh tensors are allocated on ``device`` (a keyword, default CPU),
@@ -95,19 +78,28 @@ def pull(
     for name in options.transports or ():
         if name not in TRANSPORTS:
             raise ConfigError(f"unknown transport {name!r}; known: {sorted(TRANSPORTS)}")
-    job = _Job(identity, into, device, options, hooks)
-    errors: list[PullError] = []
-    for endpoint in endpoints:
-        try:
-            with gc_paused():  # a blocking load: a full collection would only stall it
-                return job.pull_from(endpoint)
-        except PullError as exc:
-            exc.source = endpoint.text
-            log.info("source failed: %s", exc)
-            errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    raise AllSourcesFailed(errors)
+    if into:
+        device = device_of(into)
+    request = PullRequest(
+        protocol=PROTOCOL_VERSION,
+        identity=identity,
+        manifest=Manifest.of(into) if into is not None else None,
+        transports=list(options.transports or preferred(device)),
+        streams=options.stream_count(),
+        nonce="",
+    )
+    land = partial(
+        prepare, into=into, allocate=hooks.allocate, device=device, max_bytes=options.max_bytes
+    )
+    job = Job(request, options, hooks, land)
+    with gc_paused():  # a blocking load: a full collection would only stall it
+        result = Striped(job, endpoints).run()
+    log.info(
+        "pulled %s rank %d from %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
+        *(identity.model, identity.rank, result.describe_sources(1e9, " GB")),
+        *(result.total_bytes / 1e9, result.seconds, result.gbps, result.transport, result.streams),
+    )
+    return result
 
 
 def info(
@@ -126,92 +118,3 @@ def info(
     except PullError as exc:
         exc.source = source
         raise
-
-
-class _Job:
-    """One pull's fixed inputs, tried against one source after another."""
-
-    def __init__(
-        self,
-        identity: Identity,
-        into: Mapping[str, torch.Tensor] | None,
-        device: torch.device,
-        options: PullOptions,
-        hooks: PullHooks,
-    ):
-        self.identity = identity
-        self.into = into
-        self.want = Manifest.of(into) if into is not None else None
-        self.device = device_of(into) if into else device
-        self.options = options
-        self.hooks = hooks
-        self.offered = list(options.transports or preferred(self.device))
-
-    def pull_from(self, endpoint: Endpoint) -> PullResult:
-        """Handshake with ``endpoint``, receive every chunk, and tell the server how it went."""
-        with Control.open(endpoint, self.options.timeouts, self.options.token) as control:
-            inc: Incoming | None = None
-            try:
-                accept = control.ask_pull(self._request())
-                if self.hooks.on_accept is not None:
-                    self.hooks.on_accept(accept)
-                dest = prepare(
-                    accept, self.into, self.hooks.allocate, self.device, self.options.max_bytes
-                )
-                inc = self._incoming(endpoint, accept, dest)
-                start = time.perf_counter()
-                self._receive(control, accept, inc)
-                dest.finish()
-                seconds = time.perf_counter() - start
-            except PullError as exc:
-                exc.partial = exc.partial or (inc is not None and inc.wrote)
-                control.done(exc)
-                raise
-            control.done()
-        result = PullResult(
-            dest.tensors,
-            endpoint.text,
-            inc.plan.total_bytes,
-            seconds,
-            accept.transport,
-            inc.streams,
-        )
-        log.info(
-            "pulled %s rank %d from %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
-            *(self.identity.model, self.identity.rank, result.source, result.total_bytes / 1e9),
-            *(seconds, result.gbps, result.transport, result.streams),
-        )
-        return result
-
-    def _request(self) -> PullRequest:
-        return PullRequest(
-            protocol=PROTOCOL_VERSION,
-            identity=self.identity,
-            manifest=self.want,
-            transports=self.offered,
-            streams=self.options.stream_count(),
-            nonce="",
-        )
-
-    def _incoming(self, endpoint: Endpoint, accept: Accept, dest: Destination) -> Incoming:
-        return Incoming(
-            host=endpoint.host,
-            port=endpoint.port,
-            session=accept.session,
-            streams=accept.streams,
-            plan=dest.plan,
-            buffers=dest.buffers,
-            digests=accept.digests if self.options.verify else None,
-            idle=self.options.timeouts.idle,
-            offer=accept.offer,
-            progress=self.hooks.progress,
-        )
-
-    def _receive(self, control: Control, accept: Accept, inc: Incoming) -> None:
-        try:
-            TRANSPORTS[accept.transport]().receive(inc)
-        except Exception as exc:
-            error = as_pull_error(exc, "transfer", partial=inc.wrote)
-            if isinstance(error, PeerClosed | TransferTimeout):
-                error = control.explain(error)
-            raise error from None

@@ -56,6 +56,7 @@ class Destination:
 
 def prepare(
     accept: Accept,
+    *,
     into: Mapping[str, torch.Tensor] | None,
     allocate: Allocate | None,
     device: torch.device,

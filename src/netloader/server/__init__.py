@@ -31,6 +31,7 @@ import torch
 from netloader.errors import Code, ProtocolError
 from netloader.identity import Identity
 from netloader.options import ServeOptions, with_keywords
+from netloader.pacing import Pacer
 from netloader.protocol import (
     PROTOCOL_VERSION,
     Channel,
@@ -83,6 +84,9 @@ class Server:
         self.integrity = Integrity(self.snapshot)
         self.closing = threading.Event()
         self.admission = Admission(self.options.limits, self.closing)
+        rate = self.options.max_upload_rate
+        #: The upload cap, shared by every transfer of this server.
+        self.pacer = Pacer(rate) if rate else None
         self.address: str | None = None
         self.served = 0  # completed transfers, for tests and logs
         self._listener: Listener | None = None

@@ -39,6 +39,7 @@ class Session:
             idle=server.options.timeouts.idle,
             verify=server.options.verify_before_send,
             client_gone=lambda: _closed(channel.sock),
+            pacer=server.pacer,
         )
         self._num_chunks = plan.num_chunks
 
@@ -101,7 +102,7 @@ class Session:
             self.server.integrity.client_failed(self.peer, done)
             return
         self.server.served += 1
-        total = self.server.snapshot.plan.total_bytes
+        total = self.out.sent
         log.info(
             "served %s rank %d to %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
             self.server.identity.model,

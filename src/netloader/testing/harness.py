@@ -28,7 +28,7 @@ from netloader.sockets import free_port
 
 START_TIMEOUT = 300
 WEIGHTS_PHASE = re.compile(
-    r"netloader: rank (?P<rank>\d+) weights phase from (?P<path>storage|peer \S+): "
+    r"netloader: rank (?P<rank>\d+) weights phase from (?P<path>storage|peer \S+|peers .+?): "
     r"(?P<gb>[\d.]+) GB in (?P<s>[\d.]+) s \((?P<gbps>[\d.]+) GB/s\)"
 )
 
@@ -36,7 +36,7 @@ WEIGHTS_PHASE = re.compile(
 @dataclass
 class WeightsPhase:
     rank: int
-    path: str  # "storage" or "peer IP:port"
+    path: str  # "storage", "peer IP:port" or "peers IP:port (x GB), IP:port (y GB)"
     gigabytes: float
     seconds: float
     gbps: float

@@ -1,10 +1,12 @@
 """The data-plane interface: a transport moves the chunks of one accepted pull.
 
-The control connection (``protocol``) decides *what* moves; a transport decides *how*. Each
+The control connection (``protocol``) decides *whether* weights move; the client decides which
+chunk comes from which source (its ``Board``); a transport decides *how* they move. Each
 transport is one module with one class and declares what it needs from the server: how many
 streams it can use, and whether data connections reach it through the server's listening port
-(``attach``). The server calls ``offer`` then ``send`` in the session's thread; the client calls
-``receive``. Both sides see the same ``Plan``.
+(``attach``). The server calls ``offer`` then ``send`` (which answers the client's chunk
+requests) in the session's thread; the client calls ``receive`` once per source. Both sides
+see the same ``Plan``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from netloader.board import Board
 from netloader.digest import digest
 from netloader.errors import IntegrityError, TensorsChanged
+from netloader.pacing import Pacer
 from netloader.plan import Plan
 from netloader.snapshot import Snapshot, describe_changed
 from netloader.tensors import host_view
@@ -38,17 +42,32 @@ class Outgoing:
     verify: bool = False
     #: True once the client went away (its control connection closed), checked without blocking.
     client_gone: Callable[[], bool] = lambda: False
+    #: The server's upload cap, shared by all its transfers (None: uncapped).
+    pacer: Pacer | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Bytes sent in this transfer so far.
+    sent: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check(self, index: int, views: list[memoryview]) -> None:
         expected = self.snapshot.digests
         if self.verify and expected is not None and digest(views) != expected[index]:
             raise TensorsChanged(describe_changed(self.snapshot.names_in(index)))
 
+    def pace(self, index: int) -> None:
+        """Wait until chunk ``index`` may go out under the server's upload cap."""
+        if self.pacer is not None:
+            self.pacer.wait(self.snapshot.plan.chunk_bytes(index))
+
+    def count(self, index: int) -> None:
+        with self._lock:
+            self.sent += self.snapshot.plan.chunk_bytes(index)
+
 
 @dataclass
 class Incoming:
-    """The client side of one transfer: where each slot's bytes must land."""
+    """The client side of one source's share of a transfer: where each slot's bytes land, and
+    the board that says which chunks to ask this source for."""
 
     host: str
     port: int
@@ -57,13 +76,15 @@ class Incoming:
     plan: Plan
     #: One flat uint8 destination per slot (an empty tensor for aliases), any device.
     buffers: list[torch.Tensor]
-    #: The server's digest of every chunk, or None to skip verification.
+    #: The digest of every chunk, or None to skip verification.
     digests: list[int] | None
     idle: float
+    board: Board
+    #: This source's name on the board.
+    source: str
     #: Transport-specific facts from the server's Accept (e.g. a rendezvous port).
     offer: dict[str, Any] = field(default_factory=dict)
-    progress: Callable[[int], None] | None = None
-    #: Set once the first byte was written into a destination.
+    #: Set once the first byte from this source was written into a destination.
     wrote: bool = False
 
     def verify(self, index: int, views: list[memoryview]) -> None:
@@ -73,10 +94,6 @@ class Incoming:
                 f"chunk {index} (bytes {start}..{stop}) does not match the server's digest",
                 partial=True,
             )
-
-    def advance(self, nbytes: int) -> None:
-        if self.progress is not None:
-            self.progress(nbytes)
 
 
 class Transport(ABC):
@@ -110,8 +127,9 @@ class Transport(ABC):
     # --- client side ---
     @abstractmethod
     def receive(self, inc: Incoming) -> None:
-        """Receive every chunk into ``inc.buffers``. Raises a PullError, or a builtin
-        TimeoutError / OSError / ProtocolError that the client maps to one."""
+        """Fetch the chunks ``inc.board`` hands this source into ``inc.buffers`` until the board
+        has none left. Raises a PullError, or a builtin TimeoutError / OSError /
+        ProtocolError that the client maps to one."""
 
 
 class Staging:

@@ -7,8 +7,9 @@ build a two-rank backend object (server rank 0, client rank 1) on that store. Th
 global default group is never touched, so this works inside a vLLM worker that has its own.
 
 Gloo is the same path for host tensors; the tests use it to run this module on a CPU machine.
-Chunks travel in plan order; a chunk made of several small tensors is packed into one buffer so
-that the number of messages stays small.
+The client asks for each chunk by index (an int64 message), the server answers with the chunk;
+a chunk made of several small tensors is packed into one buffer so that the number of messages
+stays small. One request is outstanding at a time: a group has a single stream.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from netloader.errors import ProtocolError
 from netloader.transport.base import Incoming, Outgoing, Staging, Transport
 
 SERVER_RANK, CLIENT_RANK = 0, 1
+END, PING = -1, -3  # requests, as in the TCP transport
 
 
 class ProcessGroupTransport(Transport):
@@ -54,20 +56,30 @@ class ProcessGroupTransport(Transport):
         return {"store_port": self.store.port}
 
     def send(self, out: Outgoing) -> None:
+        """Answer the client's chunk requests (an int64 index each, as in the TCP transport)."""
         assert self.store is not None, "offer() must run before send()"
         plan = out.snapshot.plan
         staging = Staging(plan, out.snapshot.buffers)
         store = dist.PrefixStore(out.session, self.store)
         group = _timed(lambda: self._group(store, SERVER_RANK, out.host, out.idle), out.idle)
+        request = torch.empty(1, dtype=torch.int64, device=out.snapshot.device)
         try:
-            for index in range(plan.num_chunks):
-                if out.cancelled.is_set():
+            while not out.cancelled.is_set():
+                _move(group.recv, request, CLIENT_RANK, out.idle)
+                index = int(request.item())
+                if index == END:
                     return
+                if index == PING:
+                    continue
+                if not 0 <= index < plan.num_chunks:
+                    raise ProtocolError(f"client asked for chunk {index} of {plan.num_chunks}")
                 if out.verify and out.snapshot.digests is not None:
                     out.check(index, staging.views(index, load=True))
                 pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]
                 chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                out.pace(index)
                 _move(group.send, chunk, CLIENT_RANK, out.idle)
+                out.count(index)
         finally:
             del group
             self.close()
@@ -78,6 +90,33 @@ class ProcessGroupTransport(Transport):
     # --- client ---------------------------------------------------------------------------
 
     def receive(self, inc: Incoming) -> None:
+        group = self._join(inc)
+        staging = Staging(inc.plan, inc.buffers)
+        device = next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
+        request = torch.empty(1, dtype=torch.int64, device=device)
+        try:
+            while True:
+                index = inc.board.take(inc.source)
+                if index is None:
+                    if inc.board.finished:
+                        request.fill_(END)
+                        _move(group.send, request, SERVER_RANK, inc.idle)
+                        return
+                    inc.board.wait_for_work(inc.idle / 3)
+                    request.fill_(PING)
+                    _move(group.send, request, SERVER_RANK, inc.idle)
+                    continue
+                request.fill_(index)
+                _move(group.send, request, SERVER_RANK, inc.idle)
+                self._receive_chunk(group, inc, index)
+                if inc.digests is not None:
+                    inc.verify(index, staging.views(index, load=True))
+                inc.board.done(index)
+        finally:
+            del group
+
+    def _join(self, inc: Incoming) -> Any:
+        """Rendezvous on the server's store and build this pair's group."""
         port = inc.offer.get("store_port")
         if type(port) is not int or not 0 < port < 65536:
             raise ProtocolError("server's accept names no valid store_port for the process group")
@@ -85,35 +124,25 @@ class ProcessGroupTransport(Transport):
             lambda: dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle)),
             inc.idle,
         )
-        group = _timed(
-            lambda: self._group(
-                dist.PrefixStore(inc.session, store), CLIENT_RANK, inc.host, inc.idle
-            ),
-            inc.idle,
-        )
-        plan = inc.plan
-        staging = Staging(plan, inc.buffers)
-        try:
-            for index in range(plan.num_chunks):
-                pieces = [inc.buffers[s][a:b] for s, a, b in plan.pieces(index)]
-                if len(pieces) == 1:
-                    chunk = pieces[0]
-                else:
-                    chunk = torch.empty(
-                        plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device
-                    )
-                inc.wrote = True
-                _move(group.recv, chunk, SERVER_RANK, inc.idle)
-                if len(pieces) > 1:
-                    offset = 0
-                    for piece in pieces:
-                        piece.copy_(chunk[offset : offset + piece.numel()])
-                        offset += piece.numel()
-                if inc.digests is not None:
-                    inc.verify(index, staging.views(index, load=True))
-                inc.advance(plan.chunk_bytes(index))
-        finally:
-            del group
+        prefixed = dist.PrefixStore(inc.session, store)
+        return _timed(lambda: self._group(prefixed, CLIENT_RANK, inc.host, inc.idle), inc.idle)
+
+    def _receive_chunk(self, group: Any, inc: Incoming, index: int) -> None:
+        """Chunk ``index`` straight into its tensor, or through one buffer when it spans several."""
+        pieces = [inc.buffers[s][a:b] for s, a, b in inc.plan.pieces(index)]
+        if len(pieces) == 1:
+            chunk = pieces[0]
+        else:
+            chunk = torch.empty(
+                inc.plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device
+            )
+        inc.wrote = True
+        _move(group.recv, chunk, SERVER_RANK, inc.idle)
+        if len(pieces) > 1:
+            offset = 0
+            for piece in pieces:
+                piece.copy_(chunk[offset : offset + piece.numel()])
+                offset += piece.numel()
 
 
 class GlooTransport(ProcessGroupTransport):

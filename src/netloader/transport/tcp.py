@@ -1,15 +1,20 @@
 """Weights over TCP: several parallel streams, vectored sends, reads straight into tensors.
 
 Every data stream is its own TCP connection to the server's one port; its first frame names the
-session. The server's stream threads take chunks from a shared counter (so a slow stream simply
-carries fewer chunks) and send each as an 8-byte header (the chunk index) followed by the
-chunk's bytes, read straight from the tensors. The client reads the header, then the bytes
-straight into the destination tensors' own memory. Python never touches a weight byte.
+session. The client decides which chunk comes next: it asks on each stream for a chunk by
+index (an 8-byte request), keeping a few requests outstanding so the link never idles, and the
+server answers each with an 8-byte header (the index) followed by the chunk's bytes, read
+straight from the tensors. The client reads the header, then the bytes straight into the
+destination tensors' own memory. Python never touches a weight byte.
+
+Requests: a chunk index, ``END`` (no more on this stream) or ``PING`` (still here, nothing to
+ask yet: the client waits for chunks other sources have in flight). Answers: the chunk, or
+``ERROR`` followed by a Refuse frame when the server stopped for a reason the client should know.
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
 import queue
 import socket
 import struct
@@ -19,21 +24,17 @@ from collections.abc import Callable
 
 import torch
 
-from netloader.errors import (
-    Code,
-    ProtocolError,
-    PullError,
-    Refused,
-    TensorsChanged,
-)
+from netloader.errors import Code, ProtocolError, PullError, Refused, TensorsChanged
 from netloader.options import MAX_STREAMS
 from netloader.protocol import Channel, Hello, Refuse, StreamAttach, encode
 from netloader.sockets import close, connect, kernel_timeouts, shutdown
 from netloader.transport.base import Incoming, Outgoing, Staging, Transport
 
 CHUNK_HEADER = struct.Struct("!q")
-END = -1  # this stream carries no more chunks
-ERROR = -2  # a Refuse frame follows: the server stopped for a reason the client should know
+END = -1  # request: this stream asks for no more chunks
+PING = -3  # request: nothing to ask yet, keep the stream open
+ERROR = -2  # answer: a Refuse frame follows
+WINDOW = 2  # requests a client keeps outstanding per stream
 IOV_MAX = 512  # below the kernel's 1024 iovec limit
 LARGE = 256 << 10  # buffers at least this big get a system call of their own
 
@@ -74,21 +75,9 @@ class TcpTransport(Transport):
             close(sock)
 
     def send(self, out: Outgoing) -> None:
-        counter = itertools.count()
-        lock = threading.Lock()
-
-        def next_chunk() -> int | None:
-            with lock:
-                index = next(counter)
-            return index if index < out.snapshot.plan.num_chunks else None
-
         try:
-            _run_streams(
-                out.streams,
-                lambda index: self._wait_attached(out),
-                lambda s, mark: _send_stream(s, out, next_chunk, mark),
-                out.cancelled,
-                out.idle,
+            Streams(out.streams, out.idle, out.cancelled).run(
+                lambda index: self._wait_attached(out), lambda s, mark: _serve_stream(s, out, mark)
             )
         finally:
             self.close()
@@ -108,78 +97,73 @@ class TcpTransport(Transport):
     # --- client ---------------------------------------------------------------------------
 
     def receive(self, inc: Incoming) -> None:
-        seen = bytearray(inc.plan.num_chunks)
-        lock = threading.Lock()
-
-        def claim(index: int) -> None:
-            if not 0 <= index < inc.plan.num_chunks:
-                raise ProtocolError(f"server sent chunk {index} of {inc.plan.num_chunks}")
-            with lock:
-                if seen[index]:
-                    raise ProtocolError(f"server sent chunk {index} twice")
-                seen[index] = 1
-
-        _run_streams(
-            inc.streams,
-            lambda index: _attach(inc, index),
-            lambda s, mark: _recv_stream(s, inc, claim, mark),
-            threading.Event(),
-            inc.idle,
+        Streams(inc.streams, inc.idle, threading.Event()).run(
+            lambda index: _attach(inc, index), lambda s, mark: _fetch_stream(s, inc, mark)
         )
-        missing = inc.plan.num_chunks - sum(seen)
-        if missing:
-            raise ConnectionResetError(f"server ended the transfer with {missing} chunk(s) unsent")
 
 
 # --- one stream ---------------------------------------------------------------------------
 
 
-def _send_stream(
-    sock: socket.socket,
-    out: Outgoing,
-    next_chunk: Callable[[], int | None],
-    mark: Callable[[], None],
-) -> None:
+def _serve_stream(sock: socket.socket, out: Outgoing, mark: Callable[[], None]) -> None:
+    """Answer this stream's requests until the client says END."""
     staging = Staging(out.snapshot.plan, out.snapshot.buffers)
     kernel_timeouts(sock, out.idle)
-    while (index := next_chunk()) is not None:
-        if out.cancelled.is_set():
+    request = bytearray(CHUNK_HEADER.size)
+    while not out.cancelled.is_set():
+        recv_buffers(sock, [memoryview(request)])
+        mark()
+        (index,) = CHUNK_HEADER.unpack(request)
+        if index == END:
             return
+        if index == PING:
+            continue
+        if not 0 <= index < out.snapshot.plan.num_chunks:
+            raise ProtocolError(f"client asked for chunk {index} of {out.snapshot.plan.num_chunks}")
         views = staging.views(index, load=True)
         try:
             out.check(index, views)
         except TensorsChanged as exc:
             sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(Code.CHANGED, str(exc))))
             raise
+        out.pace(index)
         send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
+        out.count(index)
         mark()
-    sock.sendall(CHUNK_HEADER.pack(END))
 
 
-def _recv_stream(
-    sock: socket.socket,
-    inc: Incoming,
-    claim: Callable[[int], None],
-    mark: Callable[[], None],
-) -> None:
+def _fetch_stream(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None:
+    """Ask for chunks from the board, up to WINDOW at a time, until it has none left."""
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
+    asked: collections.deque[int] = collections.deque()
     header = bytearray(CHUNK_HEADER.size)
     while True:
+        while len(asked) < WINDOW and (index := inc.board.take(inc.source)) is not None:
+            sock.sendall(CHUNK_HEADER.pack(index))
+            asked.append(index)
+        if not asked:
+            if inc.board.finished:
+                sock.sendall(CHUNK_HEADER.pack(END))
+                return
+            inc.board.wait_for_work(inc.idle / 3)  # chunks in flight elsewhere may come back
+            sock.sendall(CHUNK_HEADER.pack(PING))
+            mark()  # waiting for work is not a stall
+            continue
         recv_buffers(sock, [memoryview(header)])
         (index,) = CHUNK_HEADER.unpack(header)
-        if index == END:
-            return
         if index == ERROR:
             refusal = Channel(sock, inc.idle).recv(Refuse)
             raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
-        claim(index)
+        if index != asked[0]:
+            raise ProtocolError(f"server sent chunk {index}, not the requested {asked[0]}")
         views = staging.views(index, load=False)
         inc.wrote = True
         recv_buffers(sock, views)
         inc.verify(index, views)
         staging.store(index)
-        inc.advance(inc.plan.chunk_bytes(index))
+        asked.popleft()
+        inc.board.done(index)
         mark()
 
 
@@ -195,68 +179,89 @@ def _attach(inc: Incoming, index: int) -> socket.socket:
         raise
 
 
-def _run_streams(
-    count: int,
-    open_stream: Callable[[int], socket.socket],
-    work: Callable[[socket.socket, Callable[[], None]], None],
-    cancelled: threading.Event,
-    idle: float,
-) -> None:
-    """Open ``count`` streams and run ``work(sock, mark)`` on each in its own thread, each
-    starting as soon as its own connection is ready. ``work`` calls ``mark()`` after every
-    chunk; this thread watches those marks and stops everything when a stream completes no
-    chunk for ``idle`` seconds: a peer trickling a byte at a time is dropped like a silent one.
-    On the first failure every stream is stopped and that failure re-raised. All sockets are
-    closed on return."""
-    errors: list[BaseException] = []
-    socks: list[socket.socket] = []
-    marks = [time.monotonic()] * count
-    lock = threading.Lock()
+class Streams:
+    """``count`` streams, each in its own thread, each starting as soon as its own connection
+    is ready, watched for progress.
 
-    def stop_all(exc: BaseException) -> None:
-        errors.append(exc)
-        cancelled.set()
-        with lock:
-            for s in socks:  # unblock the other streams at once
-                shutdown(s)
+    ``work(sock, mark)`` calls ``mark()`` after every chunk (and whenever it is legitimately
+    waiting); the watchdog stops everything when a stream makes no mark for ``idle`` seconds,
+    so a peer trickling a byte at a time is dropped like a silent one. On the first failure
+    every stream is stopped, and ``run`` waits for all of them before it re-raises the failure
+    that explains the stop. All sockets are closed on return."""
 
-    def run(index: int) -> None:
+    def __init__(self, count: int, idle: float, cancelled: threading.Event):
+        self.count = count
+        self.idle = idle
+        self.cancelled = cancelled
+        self.errors: list[BaseException] = []
+        self.socks: list[socket.socket] = []
+        self.marks = [time.monotonic()] * count
+        self.lock = threading.Lock()
+
+    def run(
+        self,
+        open_stream: Callable[[int], socket.socket],
+        work: Callable[[socket.socket, Callable[[], None]], None],
+    ) -> None:
+        threads = [
+            threading.Thread(
+                target=self._one, args=(i, open_stream, work), name="netloader-stream", daemon=True
+            )
+            for i in range(self.count)
+        ]
+        try:
+            for t in threads:
+                t.start()
+            self._watch(threads)
+        finally:
+            for s in self.socks:
+                close(s)
+        self._raise()
+
+    def _one(
+        self,
+        index: int,
+        open_stream: Callable[[int], socket.socket],
+        work: Callable[[socket.socket, Callable[[], None]], None],
+    ) -> None:
         def mark() -> None:
-            marks[index] = time.monotonic()
+            self.marks[index] = time.monotonic()
 
         try:
             sock = open_stream(index)
-            with lock:
-                socks.append(sock)
-                if cancelled.is_set():
+            with self.lock:
+                self.socks.append(sock)
+                if self.cancelled.is_set():
                     shutdown(sock)
             mark()
             work(sock, mark)
         except BaseException as exc:
-            stop_all(exc)
+            self.stop(exc)
 
-    threads = [
-        threading.Thread(target=run, args=(i,), name="netloader-stream", daemon=True)
-        for i in range(count)
-    ]
-    try:
-        for t in threads:
-            t.start()
+    def _watch(self, threads: list[threading.Thread]) -> None:
         while running := [t for t in threads if t.is_alive()]:
-            running[0].join(timeout=min(0.5, idle / 4))
+            running[0].join(timeout=min(0.5, self.idle / 4))
             now = time.monotonic()
-            stale = [i for i, t in enumerate(threads) if t.is_alive() and now - marks[i] > idle]
-            if stale and not cancelled.is_set():
-                stop_all(TimeoutError(f"no chunk completed for {idle:g} s"))
-    finally:
-        for s in socks:
-            close(s)
-    if errors:
+            stale = [
+                i for i, t in enumerate(threads) if t.is_alive() and now - self.marks[i] > self.idle
+            ]
+            if stale and not self.cancelled.is_set():
+                self.stop(TimeoutError(f"no chunk completed for {self.idle:g} s"))
+
+    def stop(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.cancelled.set()
+        with self.lock:
+            for s in self.socks:  # unblock the other streams at once
+                shutdown(s)
+
+    def _raise(self) -> None:
         # Prefer the error that explains the stop over the closures it caused in other streams.
-        for exc in errors:
+        for exc in self.errors:
             if isinstance(exc, PullError | TensorsChanged | ProtocolError | TimeoutError):
                 raise exc
-        raise errors[0]
+        if self.errors:
+            raise self.errors[0]
 
 
 # --- vectored I/O ----------------------------------------------------------------------

@@ -18,11 +18,13 @@ from netloader.errors import ConfigError, check_seconds
 from netloader.options import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_SOURCES,
     SERVER_HANDSHAKE_TIMEOUT,
     Limits,
     PullOptions,
     ServeOptions,
     Timeouts,
+    parse_rate,
 )
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
@@ -41,6 +43,9 @@ KEYS = {
     "CONNECT_TIMEOUT": "seconds to connect to a source (default 5)",
     "HANDSHAKE_TIMEOUT": "seconds for a whole handshake, queueing for a slot included (default 30)",
     "IDLE_TIMEOUT": "seconds a transfer may go without completing a chunk (default 30)",
+    "MAX_SOURCES": f"sources of a rank delivering chunks at once (default {DEFAULT_MAX_SOURCES})",
+    "MAX_UPLOAD_RATE": "bytes/s a server sends at most, all peers together: a number or a "
+    "string like 100MB/s or 800Mbit/s (default: no cap)",
 }
 
 
@@ -58,6 +63,8 @@ class NetloaderConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_sources: int = DEFAULT_MAX_SOURCES
+    max_upload_rate: float | None = None
 
     def sources_for(self, rank: int) -> list[str]:
         return list(self.sources.get(rank, ()))
@@ -69,7 +76,7 @@ class NetloaderConfig:
             handshake=self.handshake_timeout + self.connect_timeout,
             idle=self.idle_timeout,
         )
-        return PullOptions(token=token, timeouts=timeouts)
+        return PullOptions(token=token, timeouts=timeouts, max_sources=self.max_sources)
 
     def serve_options(self, host: str, token: bytes | None) -> ServeOptions:
         return ServeOptions(
@@ -79,6 +86,7 @@ class NetloaderConfig:
             token=token,
             limits=Limits(max_clients=self.max_clients),
             timeouts=Timeouts(handshake=self.handshake_timeout, idle=self.idle_timeout),
+            max_upload_rate=self.max_upload_rate,
         )
 
     @classmethod
@@ -117,6 +125,8 @@ class NetloaderConfig:
             connect_timeout=_positive(values, "CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
             handshake_timeout=_positive(values, "HANDSHAKE_TIMEOUT", SERVER_HANDSHAKE_TIMEOUT),
             idle_timeout=_positive(values, "IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+            max_sources=_positive(values, "MAX_SOURCES", DEFAULT_MAX_SOURCES, integer=True),
+            max_upload_rate=_rate(values.get("MAX_UPLOAD_RATE")),
         )
 
 
@@ -223,3 +233,7 @@ def _name_fragments(value: Any) -> tuple[str, ...] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"INT8_CACHE_NAME must be a list of non-empty strings, got {value!r}")
     return tuple(value)
+
+
+def _rate(value: Any) -> float | None:
+    return None if value is None else parse_rate(value, "MAX_UPLOAD_RATE")

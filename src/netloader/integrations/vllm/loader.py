@@ -68,7 +68,7 @@ class NetloaderModelLoader(DefaultModelLoader):
         # "idle" outside load_model; "peer" or "storage" while loading; "draft" for a draft model.
         self._mode = "idle"
         self._pull_from: list[str] = []
-        self._pulled_source = ""
+        self._pulled_from = ""  # "peer A", or "peers A (x GB), B (y GB)"
         self._identity: Identity | None = None
         self._snapshot: Snapshot | None = None
         self._weights_seconds = 0.0
@@ -97,7 +97,7 @@ class NetloaderModelLoader(DefaultModelLoader):
                 registered = _LayerRegistry(vllm_config)
                 try:
                     model = super().load_model(vllm_config, model_config, prefix)
-                    path = f"peer {self._pulled_source}"
+                    path = self._pulled_from
                 except PullError as exc:
                     failure = str(exc)
                     registered.forget_new()  # so a fresh model can register the same layers
@@ -153,7 +153,12 @@ class NetloaderModelLoader(DefaultModelLoader):
                 raise
             except Exception as exc:  # a netloader bug must cost a fallback, not the instance
                 raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
-            self._pulled_source = result.source
+            used = [source for source, nbytes in result.sources.items() if nbytes]
+            self._pulled_from = (
+                f"peer {result.source}"
+                if len(used) <= 1
+                else f"peers {result.describe_sources(1e9, ' GB')}"
+            )
         else:
             super().load_weights(model, model_config)
             tensors = _named_tensors(model)
