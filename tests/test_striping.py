@@ -119,7 +119,7 @@ def test_a_stalled_source_is_dropped_and_its_chunks_taken_elsewhere():
     """A source that stops (SIGSTOP) mid-transfer: after the idle limit the client gives up on
     it and the other source delivers what it held."""
     with ServerProcess(chunk_size=CHUNK, max_upload_rate=2e6) as frozen, sources(1)[0] as other:
-        proxy = Proxy(frozen.address, kill_after(300_000, lambda: _stop(frozen)))
+        proxy = Proxy(frozen.address, stop_after(300_000, frozen))
         try:
             result = pull([proxy.address, other.address], IDENT, idle_timeout=1.0)
         finally:
@@ -130,8 +130,18 @@ def test_a_stalled_source_is_dropped_and_its_chunks_taken_elsewhere():
     assert result.refetched > 0
 
 
-def _stop(server: ServerProcess) -> None:
-    os.kill(server.process.pid, signal.SIGSTOP)
+def stop_after(nbytes: int, server: ServerProcess):
+    """A Proxy tamper function: once ``nbytes`` went through, freeze the server (SIGSTOP) and
+    keep every connection open, so that the client sees silence, not a closed connection."""
+    stopped = []
+
+    def tamper(offset: int, data: bytes) -> bytes:
+        if offset > nbytes and not stopped:
+            stopped.append(True)
+            os.kill(server.process.pid, signal.SIGSTOP)
+        return data
+
+    return tamper
 
 
 def flip_in_data(position: int):

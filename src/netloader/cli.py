@@ -319,9 +319,11 @@ def _pull(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")
     result = _pull_to(out_dir, args.sources, _identity(args, options), options)
     where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
+    again = f", {result.refetched} bytes fetched again" if result.refetched else ""
     print(
         f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
-        f"from {result.describe_sources()} over {result.transport} x{result.streams}{where}",
+        f"from {result.describe_sources()} over {result.transport} x{result.streams}{where}"
+        f"{again}",
         flush=True,
     )
     return 0
