@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,78 @@ def test_three_sources_on_slow_uplinks_each_carry_a_share(checkpoint, tmp_path):
         for name, address in zip("abc", addresses, strict=True):
             assert bed[name].tx_bytes() > int(shares[address])
     assert_same(tensors, load_file(out / "model.safetensors"))
+
+
+PULLED = re.compile(r"pulled (\d+) bytes in ([\d.]+) s .* from (.*) over .*\(verified, serving\)")
+
+
+def replica(host, source: str) -> tuple[subprocess.Popen, str]:
+    """``netloader serve --from SOURCE`` on ``host``; returns the process and its address."""
+    proc = host.popen(
+        [sys.executable, "-m", "netloader", "serve", "--from", source, "--host", host.address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line + proc.stderr.read()
+    return proc, line.split()[-1]
+
+
+def copy_from(host, address: str, out: Path) -> dict:
+    """Pull ``address`` on ``host`` itself into ``out`` and load the file."""
+    proc = host.run(
+        [sys.executable, "-m", "netloader", "pull", address, "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return load_file(out / "model.safetensors")
+
+
+def test_four_relays_started_together_cost_the_seed_less_than_two_copies(checkpoint, tmp_path):
+    """A seed and four clients on equal 200 Mbit/s links, each client naming only the seed:
+    they form a chain by themselves, all end bit-exact, and the seed's uplink carried the model
+    fewer than two times."""
+    folder, tensors = checkpoint
+    size = sum(t.nbytes for t in tensors.values())
+    names = [f"c{i}" for i in range(4)]
+    with NetBed(dict.fromkeys(["seed", *names], "200mbit")) as bed:
+        _, seed = serve(bed["seed"], folder)
+        sent_before = bed["seed"].tx_bytes()
+        relays = [replica(bed[name], seed) for name in names]
+        feeders = []
+        for proc, _ in relays:
+            line = proc.stdout.readline()
+            match = PULLED.search(line)
+            assert match, line + proc.stderr.read()
+            assert int(match[1]) == size
+            feeders.append(match[3])
+        assert bed["seed"].tx_bytes() - sent_before < 2 * size
+        assert feeders.count(seed) == 1, feeders  # the others took theirs from relays
+        for name, (_, address) in zip(names, relays, strict=True):
+            assert_same(tensors, copy_from(bed[name], address, tmp_path / name))
+
+
+def test_a_relay_killed_mid_transfer_leaves_the_others_bit_exact(checkpoint, tmp_path):
+    """Four clients in a chain; the second is killed once it has received a quarter of the
+    model. Everyone else finishes bit-exact, the ones behind it from other holders."""
+    folder, tensors = checkpoint
+    size = sum(t.nbytes for t in tensors.values())
+    names = [f"c{i}" for i in range(4)]
+    with NetBed(dict.fromkeys(["seed", *names], "200mbit")) as bed:
+        _, seed = serve(bed["seed"], folder)
+        relays = {}
+        for name in names:  # one after the other, so that the chain's order is known
+            relays[name] = replica(bed[name], seed)
+        victim = relays["c1"][0]
+        received = bed["c1"].rx_bytes()
+        while bed["c1"].rx_bytes() - received < size // 4 and victim.poll() is None:
+            time.sleep(0.005)  # polling the link's counter: the event is "a quarter arrived"
+        victim.kill()
+        for name in ("c0", "c2", "c3"):
+            proc, address = relays[name]
+            line = proc.stdout.readline()
+            assert PULLED.search(line), line + proc.stderr.read()
+            assert_same(tensors, copy_from(bed[name], address, tmp_path / name))

@@ -56,6 +56,11 @@ class Board:
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self.finished, timeout)
 
+    def wait_finished(self) -> None:
+        """Block until every chunk is done or the pull was stopped."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished)
+
     def done(self, index: int) -> None:
         """Chunk ``index`` landed and was verified."""
         with self._cond:

@@ -79,13 +79,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_parser(sub: Any) -> None:
     serve = sub.add_parser(
-        "serve", help="serve a safetensors checkpoint as rank 0 until SIGINT/SIGTERM"
+        "serve",
+        help="serve a safetensors checkpoint, or a replica pulled from sources, as rank 0 "
+        "until SIGINT/SIGTERM",
     )
-    serve.add_argument("path", help="a .safetensors file or a folder of them")
+    serve.add_argument("path", nargs="?", help="a .safetensors file or a folder of them")
+    _replica_args(serve)
     serve.add_argument("--listen-port", type=int, default=None, help="port (default: a free one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument(
-        "--model", default=None, help="model name clients must ask for (default: the folder name)"
+        "--model",
+        default=None,
+        help="model name clients must ask for (default: the folder name, or the source's)",
     )
     serve.add_argument(
         "--output-prefix", default=None, help="write the address to PREFIX0.txt once listening"
@@ -115,6 +120,29 @@ def _serve_parser(sub: Any) -> None:
     _timeout_args(serve, SERVER_HANDSHAKE_TIMEOUT, connect=False)
     _token_arg(serve)
     serve.set_defaults(run=_serve)
+
+
+def _replica_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="no checkpoint: pull the model from SOURCE (repeat for several) while relaying "
+        "what has arrived, then keep serving it",
+    )
+    serve.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="with --from: use only the given sources, never peers they name",
+    )
+    serve.add_argument(
+        "--max-sources",
+        type=int,
+        default=DEFAULT_MAX_SOURCES,
+        help=f"with --from: sources delivering at once (default {DEFAULT_MAX_SOURCES})",
+    )
 
 
 def _pull_parser(sub: Any) -> None:
@@ -223,23 +251,68 @@ def _token_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    path = Path(args.path)
     if args.listen_port is not None and not 1024 <= args.listen_port <= 65535:
         raise ConfigError(f"--listen-port {args.listen_port} is outside 1024..65535")
-    model = args.model or (path.resolve().parent.name if path.is_file() else path.resolve().name)
+    if (args.path is None) == (not args.sources):
+        raise ConfigError("give either a checkpoint PATH to serve or --from SOURCE, not both")
     options = _serve_options(args)
-    server = Server(load_checkpoint(path), Identity(model), options)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    print(f"listening on {server.address}", flush=True)
+    stop = _Stop()
+    if args.path is not None:
+        path = Path(args.path)
+        model = args.model or (
+            path.resolve().parent.name if path.is_file() else path.resolve().name
+        )
+        server = Server(load_checkpoint(path), Identity(model), options).start()
+        print(f"listening on {server.address}", flush=True)
+    else:
+        server = _replica(args, options, stop)
     try:
-        stop.wait()
+        stop.requested.wait()
     finally:
         server.close()
     log.info("stopped after serving %d transfer(s)", server.served)
     return 0
+
+
+def _replica(args: argparse.Namespace, options: ServeOptions, stop: _Stop) -> Server:
+    """``serve --from``: listen at once, pull from the sources while relaying what arrives,
+    print the pull's line, then serve. A failed pull closes the server and fails the command."""
+    pull_options = PullOptions(
+        token=options.token,
+        timeouts=Timeouts(idle=args.idle_timeout),
+        max_sources=args.max_sources,
+        discovery=not args.no_discovery,
+    )
+    server = Server(None, _identity(args, pull_options), options).start()
+    print(f"listening on {server.address}", flush=True)
+    stop.pulling = True
+    try:
+        result = pull(args.sources, server.identity, options=pull_options, relay=server)
+    except KeyboardInterrupt:
+        server.close()
+        raise NetloaderError("stopped (SIGINT/SIGTERM) before the pull finished") from None
+    except BaseException:
+        server.close()
+        raise
+    finally:
+        stop.pulling = False
+    print(_pulled_line(result, " (verified, serving)"), flush=True)
+    return server
+
+
+class _Stop:
+    """SIGINT/SIGTERM set ``requested``; while ``pulling``, they also end the pull."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.pulling = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested.set()
+        if self.pulling:
+            raise KeyboardInterrupt
 
 
 def _serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -319,20 +392,24 @@ def _pull(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")
     result = _pull_to(out_dir, args.sources, _identity(args, options), options)
     where = f", wrote {out_dir / 'model.safetensors'}" if out_dir else " (verified, discarded)"
+    print(_pulled_line(result, where), flush=True)
+    return 0
+
+
+def _pulled_line(result: PullResult, where: str) -> str:
+    """The last line of a pull, which scripts read: bytes, seconds, speed, from whom."""
     again = f", {result.refetched} bytes fetched again" if result.refetched else ""
-    print(
+    return (
         f"pulled {result.total_bytes} bytes in {result.seconds:.3f} s ({result.gbps:.2f} GB/s) "
         f"from {result.describe_sources()} over {result.transport} x{result.streams}{where}"
-        f"{again}",
-        flush=True,
+        f"{again}"
     )
-    return 0
 
 
 def _identity(args: argparse.Namespace, options: PullOptions) -> Identity:
     """What to ask for: the first answering source's model and layout (``--model`` wins)."""
     errors: list[PullError] = []
-    for source in args.sources:
+    for source in args.sources:  # pull's SOURCE arguments, or serve's --from
         try:
             served = info(
                 source, token=options.token, connect_timeout=options.timeouts.connect

@@ -59,6 +59,10 @@ class TensorsChanged(NetloaderError):
     """A served tensor no longer holds the bytes it had at capture; sending it would be wrong."""
 
 
+class Withdrawn(NetloaderError):
+    """The server stopped serving these tensors (e.g. a relay whose own pull failed)."""
+
+
 class PullError(NetloaderError):
     """Getting weights from a source failed.
 

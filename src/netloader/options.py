@@ -113,6 +113,8 @@ class PullOptions:
     the most a pull into fresh tensors may allocate (None: this machine's memory for CPU).
     ``verify``: check every chunk against the server's digests. ``max_sources``: how many of
     the given sources deliver chunks at once (the others stand by, in order, for one that fails).
+    ``discovery``: a client that relays (``pull(relay=...)``) tells its first source where it
+    listens and takes the peers that source names; off, it uses only the listed sources.
     """
 
     token: bytes | None = field(default=None, repr=False)
@@ -122,6 +124,8 @@ class PullOptions:
     max_bytes: int | None = None
     verify: bool = True
     max_sources: int = DEFAULT_MAX_SOURCES
+    #: Let the first source say which peers (relays ahead in its chain) to pull from.
+    discovery: bool = True
 
     def __post_init__(self) -> None:
         if self.streams is not None and not 1 <= self.streams <= MAX_STREAMS:

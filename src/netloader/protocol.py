@@ -87,6 +87,26 @@ def _optional_hex(obj: dict, key: str, nbytes: int) -> str | None:
     return None if obj.get(key) is None else _hex(obj, key, nbytes)
 
 
+MAX_PEERS = 64
+MAX_ADDRESS = 300
+
+
+def _address(value: Any) -> str:
+    """A peer address ``host:port`` (host non-empty, port 1..65535)."""
+    if isinstance(value, str) and len(value) <= MAX_ADDRESS:
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+    raise ProtocolError(f"{str(value)[:60]!r} is not a host:port address")
+
+
+def _addresses(obj: dict, key: str) -> list[str]:
+    value = _field(obj, key, list)
+    if len(value) > MAX_PEERS:
+        raise ProtocolError(f"field {key!r} lists more than {MAX_PEERS} addresses")
+    return [_address(v) for v in value]
+
+
 # --- messages -----------------------------------------------------------------------------
 
 NONCE_BYTES = 16
@@ -131,6 +151,12 @@ class PullRequest(Message):
     streams: int
     nonce: str
     mac: str | None = None
+    #: Where the client's own server listens (it relays what it receives), if it has one.
+    advertise: str | None = None
+    #: Whether the client wants to be told which peers to pull from (discovery).
+    discover: bool = False
+    #: Peers that failed this client: not to be suggested again.
+    avoid: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +168,9 @@ class PullRequest(Message):
             "streams": self.streams,
             "nonce": self.nonce,
             "mac": self.mac,
+            "advertise": self.advertise,
+            "discover": self.discover,
+            "avoid": self.avoid,
         }
 
     @classmethod
@@ -159,6 +188,9 @@ class PullRequest(Message):
             streams=_int(o, "streams", 1, MAX_STREAMS),
             nonce=_hex(o, "nonce", NONCE_BYTES),
             mac=_optional_hex(o, "mac", MAC_BYTES),
+            advertise=None if o.get("advertise") is None else _address(o["advertise"]),
+            discover=_field(o, "discover", bool),
+            avoid=_addresses(o, "avoid"),
         )
 
 
@@ -207,6 +239,12 @@ class Accept(Message):
     digests: list[int] | None
     offer: dict[str, Any] = field(default_factory=dict)
     mac: str | None = None
+    #: Peers the client should pull from (discovery): relays ahead of it that hold the model or
+    #: are receiving it.
+    peers: list[str] = field(default_factory=list)
+    #: Whether this server itself delivers chunks; False: take them from ``peers``, and keep
+    #: this connection open until done (this server then counts the client as a relay).
+    stay: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -221,6 +259,8 @@ class Accept(Message):
             "digests": self.digests,
             "offer": self.offer,
             "mac": self.mac,
+            "peers": self.peers,
+            "stay": self.stay,
         }
 
     @classmethod
@@ -263,6 +303,8 @@ class Accept(Message):
             digests=digests,
             offer=offer,
             mac=_optional_hex(o, "mac", MAC_BYTES),
+            peers=_addresses(o, "peers"),
+            stay=_field(o, "stay", bool),
         )
 
 
@@ -383,9 +425,10 @@ class Channel:
 
     ``idle`` bounds each wait for the peer; ``deadline`` (a ``time.monotonic()`` value) bounds a
     whole exchange, so a peer that trickles one byte at a time cannot hold a slot forever.
+    ``idle=None`` waits without a bound (for a relay's verdict: see ``server.session``).
     """
 
-    def __init__(self, sock: socket.socket, idle: float):
+    def __init__(self, sock: socket.socket, idle: float | None):
         self.sock = sock
         self.idle = idle
 
@@ -433,10 +476,10 @@ class Channel:
             buf += piece
         return buf
 
-    def _wait(self, deadline: float | None) -> float:
+    def _wait(self, deadline: float | None) -> float | None:
         if deadline is None:
             return self.idle
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed")
-        return min(self.idle, left)
+        return left if self.idle is None else min(self.idle, left)

@@ -1,15 +1,21 @@
-"""The tensors a server serves, as it captured them: byte views, chunk plan and digests."""
+"""The tensors a server serves: byte views, chunk plan, digests, and which chunks are there yet.
+
+A server usually serves tensors it captured whole. A relay serves the tensors it is still
+receiving: a chunk becomes available once it landed and was verified against the digests its
+own source sent, and a peer asking for a chunk that has not arrived waits for it.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from netloader.digest import digest
-from netloader.errors import shorten
+from netloader.errors import Withdrawn, shorten
 from netloader.manifest import Manifest
 from netloader.options import DEFAULT_CHUNK
 from netloader.plan import Plan
@@ -40,6 +46,37 @@ class Snapshot:
         ]
         self.plan = Plan([b.numel() for b in self.buffers], chunk_size)
         self.digests: list[int] | None = self.compute_digests() if with_digests else None
+        #: Which chunks may be sent; None when all of them may.
+        self.ready: Availability | None = None
+
+    @classmethod
+    def receiving(
+        cls,
+        manifest: Manifest,
+        aliases: dict[int, int],
+        buffers: list[torch.Tensor],
+        plan: Plan,
+        digests: list[int],
+    ) -> Snapshot:
+        """A relay's snapshot: ``buffers`` are being filled; ``ready.mark(i)`` once chunk ``i``
+        landed and matched ``digests[i]``."""
+        snapshot = cls.__new__(cls)
+        snapshot.manifest, snapshot.aliases = manifest, aliases
+        snapshot.buffers, snapshot.plan, snapshot.digests = buffers, plan, digests
+        snapshot.ready = Availability(plan.num_chunks)
+        return snapshot
+
+    def use(self, name: str, tensor: torch.Tensor) -> None:
+        """Serve ``tensor`` (same bytes, e.g. a pristine copy) for ``name`` from now on."""
+        slot = next(i for i, s in enumerate(self.manifest.specs) if s.name == name)
+        if slot not in self.aliases:
+            self.buffers[slot] = flat_bytes(tensor.contiguous())
+
+    def wait_ready(self, index: int, timeout: float) -> None:
+        """Return once chunk ``index`` may be sent; TimeoutError after ``timeout`` seconds,
+        Withdrawn if the relay stopped."""
+        if self.ready is not None:
+            self.ready.wait(index, timeout)
 
     @property
     def device(self) -> torch.device:
@@ -86,3 +123,38 @@ def describe_changed(names: list[str]) -> str:
 
 def _hash_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+class Availability:
+    """The chunks of a relay's snapshot that have landed and were verified."""
+
+    def __init__(self, num_chunks: int):
+        self._have = bytearray(num_chunks)
+        self._left = num_chunks
+        self._withdrawn: str | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def complete(self) -> bool:
+        return self._left == 0
+
+    def mark(self, index: int) -> None:
+        with self._cond:
+            if not self._have[index]:
+                self._have[index] = 1
+                self._left -= 1
+                self._cond.notify_all()
+
+    def withdraw(self, reason: str) -> None:
+        """No chunk that is missing now will come: wake every waiting peer with ``reason``."""
+        with self._cond:
+            self._withdrawn = reason
+            self._cond.notify_all()
+
+    def wait(self, index: int, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._have[index] or self._withdrawn, timeout)
+            if self._withdrawn:
+                raise Withdrawn(self._withdrawn)
+            if not self._have[index]:
+                raise TimeoutError(f"chunk {index} did not reach this relay within {timeout:g} s")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from netloader.options import (
 from netloader.protocol import PROTOCOL_VERSION, InfoReply, PullRequest, gc_paused
 from netloader.transport import TRANSPORTS, preferred
 
+if TYPE_CHECKING:
+    from netloader.server import Server
+
 log = logging.getLogger("netloader.client")
 
 _HOOKS = ("progress", "on_accept", "allocate")
@@ -55,6 +58,7 @@ def pull(
     into: Mapping[str, torch.Tensor] | None = None,
     options: PullOptions | None = None,
     hooks: PullHooks | None = None,
+    relay: Server | None = None,
     **keywords: Any,
 ) -> PullResult:
     """Pull ``identity``'s tensors from ``sources``: the first that accepts defines the content,
@@ -66,6 +70,11 @@ def pull(
     settings (see ``PullOptions``) and ``hooks`` what the caller sees of the pull (see
     ``PullHooks``); keyword arguments set single fields of either (``token=``, ``streams=``,
     ``idle_timeout=``, ``progress=``, ...).
+
+    ``relay``: a started ``Server(None, identity, ...)`` of this process; it serves every chunk
+    onwards as soon as it landed and was verified, and (with ``discovery``) the first source
+    learns its address and may send this client to peers ahead of it. If the pull fails the
+    relay is withdrawn.
     """
     device = torch.device(keywords.pop("device", "cpu"))
     hooks = with_keywords(
@@ -93,7 +102,7 @@ def pull(
     )
     job = Job(request, options, hooks, land)
     with gc_paused():  # a blocking load: a full collection would only stall it
-        result = Striped(job, endpoints).run()
+        result = Striped(job, endpoints, relay).run()
     log.info(
         "pulled %s rank %d from %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
         *(identity.model, identity.rank, result.describe_sources(1e9, " GB")),

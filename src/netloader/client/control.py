@@ -4,6 +4,7 @@ say how it ended. Every answer is checked here again, never trusting the server'
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ class Control:
         self.limit = timeouts.handshake
         self.deadline = time.monotonic() + timeouts.handshake
         self.hello = Hello(PROTOCOL_VERSION, "", False)  # until the server's arrives
+        self._detached = False
 
     @classmethod
     def open(cls, endpoint: Endpoint, timeouts: Timeouts, token: bytes | None) -> Control:
@@ -86,7 +88,13 @@ class Control:
         return control
 
     def close(self) -> None:
-        self.channel.sock.close()
+        if not self._detached:
+            self.channel.sock.close()
+
+    def detach(self) -> socket.socket:
+        """The connection's socket, to keep open beyond this object (a relay's membership)."""
+        self._detached = True
+        return self.channel.sock
 
     def __enter__(self) -> Control:
         return self

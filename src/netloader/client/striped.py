@@ -1,4 +1,4 @@
-"""One pull across several sources at once.
+"""One pull across several sources at once, relaying what arrives.
 
 The first source in the list that accepts defines the content: its manifest, chunk plan and
 digests. Up to ``max_sources`` sources then deliver chunks at the same time, each asking the
@@ -8,6 +8,12 @@ not used (logged with the reason) and never mixed in. A source that fails (dies,
 refuses, sends a chunk whose digest fails) costs only the chunks it had in flight: they go back
 to the board for the others, and the next source in the list, if any, takes its place. The pull
 fails only when no source is left and chunks are still missing.
+
+With a ``relay`` (a server of this process), every chunk is served onwards as soon as it landed
+and was verified, and the sources are told its address. With discovery on, the first source may
+answer "take the chunks from these peers instead" (relays ahead in its chain): this client then
+keeps its connection to that source open as its membership, pulls from the peers, and if they
+all fail asks the source again, naming the peers to avoid.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,8 +43,12 @@ from netloader.errors import (
 from netloader.manifest import Manifest
 from netloader.options import PullHooks, PullOptions
 from netloader.protocol import PROTOCOL_VERSION, Accept, PullRequest
+from netloader.snapshot import Snapshot
 from netloader.sockets import shutdown
 from netloader.transport import TRANSPORTS, Incoming
+
+if TYPE_CHECKING:
+    from netloader.server import Server
 
 log = logging.getLogger("netloader.client")
 
@@ -45,7 +56,8 @@ log = logging.getLogger("netloader.client")
 @dataclass
 class PullResult:
     tensors: dict[str, torch.Tensor]
-    #: The source that defined the content: the first in the list that accepted.
+    #: The source that defined the content: the first in the list that accepted (with
+    #: discovery it may have sent this client to other peers: see ``sources``).
     source: str
     total_bytes: int
     seconds: float
@@ -61,10 +73,10 @@ class PullResult:
         return self.total_bytes / 1e9 / max(self.seconds, 1e-9)
 
     def describe_sources(self, unit: float = 1.0, suffix: str = " bytes") -> str:
-        """``A`` alone, or ``A (n bytes), B (m bytes)`` when several sources delivered."""
+        """``A`` when one source delivered everything, else ``A (n bytes), B (m bytes)``."""
         used = {s: n for s, n in self.sources.items() if n}
         if len(used) <= 1:
-            return self.source
+            return next(iter(used), self.source)
         return ", ".join(f"{s} ({_amount(n / unit)}{suffix})" for s, n in used.items())
 
 
@@ -84,15 +96,22 @@ class Job:
     prepare: Callable[[Accept], Destination]
 
 
+MAX_REJOINS = 3  # times a client asks its first source again after the peers it named failed
+
+
 class Striped:
     """Runs one pull over ``endpoints`` (tried in order) and returns its result."""
 
-    def __init__(self, job: Job, endpoints: list[Endpoint]):
+    def __init__(self, job: Job, endpoints: list[Endpoint], relay: Server | None = None):
         self.job = job
+        self.relay = relay if relay is not None and relay.address else None
         self.waiting = list(endpoints)  # not tried yet, in order
         self.errors: list[PullError] = []
         self.runs: list[_SourceRun] = []
         self.ended: queue.Queue[_SourceRun] = queue.Queue()
+        self.failed_peers: list[str] = []
+        self.rejoins = 0
+        self._lock = threading.Lock()
 
     def run(self) -> PullResult:
         first, control, accept = self._first_accepting()
@@ -103,21 +122,27 @@ class Striped:
         except PullError as exc:
             control.done(exc)
             control.close()
+            self._withdraw(exc)
             raise
+        self.first, self.reference, self.dest = first, accept, dest
         self.board = Board(dest.plan.num_chunks, dest.plan.chunk_bytes)
         if self.job.hooks.progress is not None:
             progress = self.job.hooks.progress
             self.board.on_done.append(lambda i: progress(dest.plan.chunk_bytes(i)))
-        self.reference = accept
-        self.dest = dest
+        self._relay_what_arrives()
         start = time.perf_counter()
-        self._start(_SourceRun(self, first, control, accept))
+        self._start(_SourceRun(self, first, control, accept, member=True))
         self._fill()
-        self._wait()
+        try:
+            self._wait()
+        finally:
+            self._finish_runs()
         if not self.board.complete:
-            raise self._failure()
+            error = self._failure()
+            self._withdraw(error)
+            raise error
         dest.finish()
-        return self._result(first, time.perf_counter() - start)
+        return self._result(time.perf_counter() - start)
 
     # --- sources --------------------------------------------------------------------------
 
@@ -130,14 +155,20 @@ class Striped:
                 self._failed_before(endpoint, exc)
                 continue
             try:
-                return endpoint, control, control.ask_pull(self._request(self.job.request.manifest))
+                request = self.request(self.job.request.manifest, member=True)
+                return endpoint, control, control.ask_pull(request)
             except PullError as exc:
                 control.close()
                 self._failed_before(endpoint, exc)
-        raise self._failure()
+        error = self._failure()
+        self._withdraw(error)
+        raise error
 
-    def _request(self, manifest: Manifest | None) -> PullRequest:
+    def request(self, manifest: Manifest | None, *, member: bool) -> PullRequest:
+        """The request for one source. A ``member`` request (to the first source, or asking it
+        again) names this client's relay and asks where to pull from; the others just pull."""
         base = self.job.request
+        discover = member and self.relay is not None and self.job.options.discovery
         return PullRequest(
             protocol=PROTOCOL_VERSION,
             identity=base.identity,
@@ -145,6 +176,9 @@ class Striped:
             transports=base.transports,
             streams=base.streams,
             nonce="",
+            advertise=self.relay.address if discover and self.relay else None,
+            discover=discover,
+            avoid=list(self.failed_peers) if discover else [],
         )
 
     def _failed_before(self, endpoint: Endpoint, exc: PullError) -> None:
@@ -152,30 +186,88 @@ class Striped:
         log.info("source failed: %s", exc)
         self.errors.append(exc)
 
+    def suggest(self, peers: list[str]) -> None:
+        """Peers the first source named: tried before the rest of the list (from any thread)."""
+        with self._lock:
+            known = {r.endpoint.text for r in self.runs} | {e.text for e in self.waiting}
+            fresh = [Endpoint.parse(p) for p in peers if p not in known]
+            self.waiting[0:0] = fresh
+
     def _start(self, run: _SourceRun) -> None:
-        self.runs.append(run)
+        with self._lock:
+            self.runs.append(run)
         run.thread.start()
 
     def _fill(self) -> None:
-        """Start the next sources in the list until ``max_sources`` are at work."""
-        while self.waiting and self._active() < self.job.options.max_sources:
-            self._start(_SourceRun(self, self.waiting.pop(0)))
+        """Start the next sources in the list until ``max_sources`` are delivering."""
+        while self._fetching() < self.job.options.max_sources:
+            with self._lock:
+                if not self.waiting:
+                    return
+                endpoint = self.waiting.pop(0)
+            self._start(_SourceRun(self, endpoint))
 
-    def _active(self) -> int:
-        return sum(1 for r in self.runs if not r.over)
+    def _fetching(self) -> int:
+        """Sources at work or in their handshake; members only relay the first source's word."""
+        with self._lock:
+            return sum(1 for r in self.runs if not r.over and not r.is_member)
 
     def _wait(self) -> None:
-        """Until every chunk landed or no source is left: replace each source that fails.
-        Then stop the sources still in their handshake and wait for those fetching."""
-        while not self.board.complete and self._active():
-            run = self.ended.get()
-            if run.error is not None and not self.board.complete:
+        """Until every chunk landed or no source is left: replace each source that fails, and
+        when peers named by the first source all failed, ask it again."""
+        while not self.board.complete:
+            if not self._fetching():
+                with self._lock:
+                    idle = not self.waiting
+                if idle and not self._rejoin():
+                    return
                 self._fill()
+                continue
+            self.ended.get()
+            if not self.board.complete:
+                self._fill()
+
+    def _rejoin(self) -> bool:
+        """Ask the first source again where to pull from, avoiding the peers that failed."""
+        members = [r for r in self.runs if r.is_member and not r.over]
+        if not members or self.rejoins >= MAX_REJOINS:
+            return False
+        self.rejoins += 1
+        log.info(
+            "asking %s again where to pull from (avoiding %s)", self.first.text, self.failed_peers
+        )
+        self._start(_SourceRun(self, self.first, member=True))
+        return True
+
+    def _finish_runs(self) -> None:
+        """Stop whatever still runs: handshakes are cut, fetching and member sources end once
+        the board is finished (they then tell their server how it went)."""
+        if not self.board.complete:
+            self.board.stop()
         for run in self.runs:
             run.abort_handshake()
         for run in self.runs:
             if run.accept is not None:
                 run.thread.join()
+
+    def _relay_what_arrives(self) -> None:
+        """Serve every chunk onwards as soon as it landed and was verified."""
+        if self.relay is None:
+            return
+        accept = self.reference
+        if accept.digests is None or not self.job.options.verify:
+            self.relay.withdraw("cannot relay chunks it cannot verify (the source sent no digests)")
+            return
+        snapshot = Snapshot.receiving(
+            accept.manifest, accept.aliases, self.dest.buffers, self.dest.plan, accept.digests
+        )
+        assert snapshot.ready is not None
+        self.board.on_done.append(snapshot.ready.mark)
+        self.relay.provide(snapshot)
+
+    def _withdraw(self, error: PullError) -> None:
+        if self.relay is not None:
+            self.relay.withdraw(f"its own pull failed: {error}")
 
     def _failure(self) -> PullError:
         errors = self.errors or [PullError("no source delivered")]
@@ -183,21 +275,26 @@ class Striped:
             return errors[0]
         return AllSourcesFailed(errors)
 
-    def _result(self, first: Endpoint, seconds: float) -> PullResult:
+    def _result(self, seconds: float) -> PullResult:
         plan = self.dest.plan
         delivered = {
             r.endpoint.text: self.board.delivered[r.endpoint.text]
             for r in self.runs
-            if r.accept is not None
+            if r.accept is not None and r.accept.stay
         }
-        ref = next(r for r in self.runs if r.endpoint == first)
+        # Transport and streams of the source that delivered most.
+        main = max(
+            (r for r in self.runs if r.accept is not None and r.accept.stay),
+            key=lambda r: self.board.delivered[r.endpoint.text],
+        )
+        assert main.accept is not None
         return PullResult(
             tensors=self.dest.tensors,
-            source=first.text,
+            source=self.first.text,
             total_bytes=plan.total_bytes,
             seconds=seconds,
-            transport=self.reference.transport,
-            streams=ref.streams,
+            transport=main.accept.transport,
+            streams=main.streams,
             sources=delivered,
             refetched=self.board.refetched,
         )
@@ -205,7 +302,9 @@ class Striped:
 
 class _SourceRun:
     """One source's part: handshake (unless it was the first), check it serves the very same
-    content, fetch chunks until the board has none left, and tell the server how it went."""
+    content, fetch chunks until the board has none left, and tell the server how it went. A
+    source that sends this client to other peers instead (discovery) is only kept as its
+    membership until the pull ends."""
 
     def __init__(
         self,
@@ -213,16 +312,24 @@ class _SourceRun:
         endpoint: Endpoint,
         control: Control | None = None,
         accept: Accept | None = None,
+        *,
+        member: bool = False,
     ):
         self.pull = pull
         self.endpoint = endpoint
         self.control = control
         self.accept = accept
+        self.member_request = member
         self.error: PullError | None = None
         self.over = False
         self.streams = 0
         self.thread = threading.Thread(target=self._run, name="netloader-source", daemon=True)
         self._lock = threading.Lock()
+
+    @property
+    def is_member(self) -> bool:
+        """Sent elsewhere by this source: it delivers nothing itself."""
+        return self.accept is not None and not self.accept.stay
 
     def abort_handshake(self) -> None:
         """Stop a handshake still running (the board needs nothing more)."""
@@ -236,14 +343,16 @@ class _SourceRun:
             if self.control is None:
                 self._handshake()
             assert self.control is not None and self.accept is not None
-            inc = self._incoming(self.control, self.accept)
-            self._receive(self.control, self.accept, inc)
-            self.control.done()
+            if self.is_member:
+                self._follow(self.accept)
+            else:
+                inc = self._incoming(self.accept)
+                self._receive(self.control, self.accept, inc)
+                self.control.done()
         except PullError as exc:
             self._fail(exc, inc)
         finally:
-            if self.control is not None:
-                self.control.close()
+            self._close()
             self.over = True
             self.pull.ended.put(self)
 
@@ -252,7 +361,7 @@ class _SourceRun:
         control = Control.open(self.endpoint, pull.job.options.timeouts, pull.job.options.token)
         with self._lock:
             self.control = control
-        accept = control.ask_pull(pull._request(pull.reference.manifest))
+        accept = control.ask_pull(pull.request(pull.reference.manifest, member=self.member_request))
         reason = _differs(accept, pull.reference)
         if reason:
             control.done(Refused(reason, code=Code.CONTENT))
@@ -260,7 +369,18 @@ class _SourceRun:
         with self._lock:
             self.accept = accept
 
-    def _incoming(self, control: Control, accept: Accept) -> Incoming:
+    def _follow(self, accept: Accept) -> None:
+        """This source sent us to ``accept.peers``: pull from them, and stay connected until
+        the pull ends, then say how it went."""
+        log.info("%s sends this client to %s", self.endpoint.text, ", ".join(accept.peers))
+        self.pull.suggest(accept.peers)
+        self.pull.ended.put(self)  # wake the pull: there are new sources to start
+        board = self.pull.board
+        board.wait_finished()
+        assert self.control is not None
+        self.control.done(None if board.complete else PullError("the pull failed"))
+
+    def _incoming(self, accept: Accept) -> Incoming:
         pull = self.pull
         self.streams = accept.streams
         return Incoming(
@@ -294,9 +414,11 @@ class _SourceRun:
         back = board.release(self.endpoint.text) if inc is not None else []
         if self.control is not None and self.accept is not None:
             self.control.done(exc)
-        if board.complete:
-            return  # e.g. a late source stopped in its handshake: nothing was missing
+        if board.complete or self.is_member:
+            return  # a late source cut in its handshake, or a membership: nothing missing
         self.pull.errors.append(exc)
+        if not self.member_request:
+            self.pull.failed_peers.append(self.endpoint.text)
         if inc is None:
             log.warning("not using source %s", exc)
         else:
@@ -305,6 +427,19 @@ class _SourceRun:
                 len(back),
                 exc,
             )
+
+    def _close(self) -> None:
+        """A relay keeps its membership at a source that registered it, for as long as its
+        own server runs; every other connection closes now."""
+        if self.control is None:
+            return
+        relay = self.pull.relay
+        registered = self.member_request and relay is not None and self.pull.job.options.discovery
+        if registered and self.error is None and self.pull.board.complete:
+            assert relay is not None
+            relay.keep(self.control.detach())
+        else:
+            self.control.close()
 
 
 def _differs(accept: Accept, reference: Accept) -> str | None:

@@ -7,18 +7,24 @@ Its parts, along a connection's way:
   is served, each a refusal with a reason or nothing;
 - ``admission``: transfer slots and the queue of clients waiting for one;
 - ``session``: one accepted transfer, run by its transport;
+- ``peers``: discovery, the relays pulling or holding this model and where each should pull;
 - ``integrity``: whether the server may still serve what it captured.
 
-A connection's first message decides what it is: a ``PullRequest`` (checked, admitted, then the
-thread runs the session), a ``StreamAttach`` (a data connection of a session, handed to its
-transport) or an ``InfoRequest`` (answered at once). Every wait has a bound, every refusal is
-logged with its reason and sent to the peer, and ``close()`` stops everything.
+A connection's first message decides what it is: a ``PullRequest`` (checked, placed, admitted,
+then the thread runs the session; a relay's connection then stays open as its membership), a
+``StreamAttach`` (a data connection of a session, handed to its transport) or an
+``InfoRequest`` (answered at once). Every wait has a bound, every refusal is logged with its
+reason and sent to the peer, and ``close()`` stops everything.
+
+A relay's server starts before it holds anything (``tensors=None``): it listens at once, and
+serves from ``provide(snapshot)`` on, each chunk as soon as it landed and was verified.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -35,7 +41,7 @@ from netloader.pacing import Pacer
 from netloader.protocol import (
     PROTOCOL_VERSION,
     Channel,
-    Hello,
+    Done,
     InfoReply,
     InfoRequest,
     PullRequest,
@@ -46,7 +52,8 @@ from netloader.server.admission import Admission
 from netloader.server.handshake import Gate, Refusal
 from netloader.server.integrity import Integrity
 from netloader.server.listener import Connection, Listener
-from netloader.server.session import Session
+from netloader.server.peers import Peers, Placement
+from netloader.server.session import Conversation, Session, hold_membership
 from netloader.snapshot import Snapshot
 from netloader.sockets import advertised
 
@@ -64,24 +71,22 @@ class Server:
     arguments set single fields of it (``listen_port=7000``, ``max_clients=2``,
     ``idle_timeout=10``). The server listens on ``listen_port + identity.rank``; a port outside
     1024..65535 means no listener (a warning is logged and ``address`` stays None).
+    ``tensors=None`` makes a server that waits for ``provide()`` (a relay).
     """
 
     def __init__(
         self,
-        tensors: Mapping[str, torch.Tensor] | Snapshot,
+        tensors: Mapping[str, torch.Tensor] | Snapshot | None,
         identity: Identity,
         options: ServeOptions | None = None,
         **keywords: Any,
     ):
         self.options = with_keywords(options or ServeOptions(), keywords)
-        self.snapshot = (
-            tensors
-            if isinstance(tensors, Snapshot)
-            else Snapshot(tensors, chunk_size=self.options.chunk_size)
-        )
         self.identity = identity
-        self.gate = Gate(identity, self.snapshot, self.options.token)
-        self.integrity = Integrity(self.snapshot)
+        self.snapshot: Snapshot | None = None
+        self.gate = Gate(identity, None, self.options.token)
+        self.integrity = Integrity(None)
+        self.peers = Peers()
         self.closing = threading.Event()
         self.admission = Admission(self.options.limits, self.closing)
         rate = self.options.max_upload_rate
@@ -89,9 +94,47 @@ class Server:
         self.pacer = Pacer(rate) if rate else None
         self.address: str | None = None
         self.served = 0  # completed transfers, for tests and logs
+        self._provided = threading.Event()
         self._listener: Listener | None = None
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._kept: list[socket.socket] = []
+        if tensors is not None:
+            snapshot = (
+                tensors
+                if isinstance(tensors, Snapshot)
+                else Snapshot(tensors, chunk_size=self.options.chunk_size)
+            )
+            self._install(snapshot)
+
+    def provide(self, snapshot: Snapshot) -> None:
+        """Serve ``snapshot`` from now on (a relay: as its chunks become ready)."""
+        self.integrity.unavailable = None
+        self._install(snapshot)
+        if self.address:
+            self._announce()
+
+    def withdraw(self, reason: str) -> None:
+        """Stop serving (a relay whose own pull failed): refuse new pulls with ``reason`` and
+        stop those running, including peers waiting for chunks that will not come."""
+        self.integrity.unavailable = reason
+        if self.snapshot is not None and self.snapshot.ready is not None:
+            self.snapshot.ready.withdraw(reason)
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.abort()
+        log.warning("stopped serving %s: %s", self.identity.model, reason)
+
+    def keep(self, sock: socket.socket) -> None:
+        """Hold ``sock`` open until this server closes: a relay's membership at its source,
+        which forgets the relay when it closes."""
+        with self._lock:
+            self._kept.append(sock)
+
+    def _install(self, snapshot: Snapshot) -> None:
+        self.snapshot = self.gate.snapshot = self.integrity.snapshot = snapshot
+        self._provided.set()
 
     @property
     def unavailable(self) -> str | None:
@@ -118,7 +161,8 @@ class Server:
         self._listener = Listener.bind(self.options.host, port, self._handle, self.closing)
         self.address = f"{advertised(self.options.host)}:{self._listener.port}"
         self._listener.start()
-        self._announce()
+        if self.snapshot is not None:
+            self._announce()
         if self.options.output_prefix:
             write_address(self.options.output_prefix, rank, self.address)
         return self
@@ -132,6 +176,10 @@ class Server:
             session.abort()
         if self._listener is not None:
             self._listener.close()
+        with self._lock:
+            kept, self._kept = self._kept, []
+        for sock in kept:
+            sock.close()
 
     def __enter__(self) -> Server:
         return self.start() if self._listener is None else self
@@ -140,6 +188,7 @@ class Server:
         self.close()
 
     def _announce(self) -> None:
+        assert self.snapshot is not None
         ident = self.identity
         if self.options.token is None:
             log.warning(
@@ -160,19 +209,20 @@ class Server:
         to a session's transport."""
         channel = Channel(conn.sock, self.options.timeouts.idle)
         handshake = self.options.timeouts.handshake
-        deadline = time.monotonic() + handshake
+        conv = Conversation(channel, conn.peer, self.gate.greeting(), time.monotonic() + handshake)
         try:
-            hello = self.gate.greeting()
-            channel.send(hello, deadline)
-            request = channel.recv_any(PullRequest, InfoRequest, StreamAttach, deadline=deadline)
+            channel.send(conv.hello, conv.deadline)
+            request = channel.recv_any(
+                PullRequest, InfoRequest, StreamAttach, deadline=conv.deadline
+            )
             match request:
                 case StreamAttach():
                     return self._attach(conn, request)
                 case InfoRequest():
-                    self._info(channel, conn.peer, hello, request, deadline)
+                    self._info(conv, request)
                 case PullRequest():
                     conn.handshake_over()
-                    self._pull(channel, conn.peer, hello, request, deadline)
+                    self._pull(conv, request)
         except ProtocolError as exc:
             log.warning("dropping %s: %s", conn.peer, exc)
             channel.send_if_open(Refuse(Code.PROTOCOL, str(exc)))
@@ -185,25 +235,34 @@ class Server:
             log.exception("unexpected error while serving %s", conn.peer)
         return False
 
-    def _refuse(self, channel: Channel, peer: str, refusal: Refusal) -> None:
-        log.warning("refused %s: %s", peer, refusal.reason)
-        channel.send_if_open(Refuse(refusal.code, refusal.reason))
+    def _refuse(self, conv: Conversation, refusal: Refusal) -> None:
+        log.warning("refused %s: %s", conv.peer, refusal.reason)
+        conv.channel.send_if_open(Refuse(refusal.code, refusal.reason))
 
-    def _info(
-        self, channel: Channel, peer: str, hello: Hello, request: InfoRequest, deadline: float
-    ) -> None:
-        refusal = self.gate.authenticate(hello, request)
-        if refusal is not None:
-            self._refuse(channel, peer, refusal)
+    def _serving(self, conv: Conversation) -> Snapshot | Refusal:
+        """What this server serves, once it has it (a relay's server may still be waiting for
+        its own source's answer, a few milliseconds after it started)."""
+        if self._provided.wait(max(0.0, conv.deadline - time.monotonic())):
+            assert self.snapshot is not None
+            return self.snapshot
+        return Refusal(
+            Code.UNAVAILABLE, "this relay has no weights yet: its own pull has not started"
+        )
+
+    def _info(self, conv: Conversation, request: InfoRequest) -> None:
+        refusal = self.gate.authenticate(conv.hello, request)
+        snapshot = refusal or self._serving(conv)
+        if isinstance(snapshot, Refusal):
+            self._refuse(conv, snapshot)
             return
         reply = InfoReply(
             PROTOCOL_VERSION,
             self.identity,
-            len(self.snapshot.manifest),
-            self.snapshot.plan.total_bytes,
-            self.gate.proof("info", request.nonce, hello.nonce),
+            len(snapshot.manifest),
+            snapshot.plan.total_bytes,
+            self.gate.proof("info", request.nonce, conv.hello.nonce),
         )
-        channel.send(reply, deadline)
+        conv.channel.send(reply, conv.deadline)
 
     def _attach(self, conn: Connection, request: StreamAttach) -> bool:
         with self._lock:
@@ -213,25 +272,46 @@ class Server:
             return False
         return True
 
-    def _pull(
-        self, channel: Channel, peer: str, hello: Hello, request: PullRequest, deadline: float
-    ) -> None:
-        refusal = self.gate.check_pull(hello, request)
+    def _pull(self, conv: Conversation, request: PullRequest) -> None:
+        """Check, place and serve one pull; a relay's connection then stays as its membership."""
+        snapshot = self._serving(conv)
+        if isinstance(snapshot, Refusal):
+            self._refuse(conv, snapshot)
+            return
+        refusal = self.gate.check_pull(conv.hello, request)
         if refusal is None and self.unavailable:
             refusal = Refusal(Code.UNAVAILABLE, self.unavailable)
         transport = self.gate.transport_for(request) if refusal is None else refusal
         if isinstance(transport, Refusal):
-            self._refuse(channel, peer, transport)
+            self._refuse(conv, transport)
             return
-        busy = self.admission.admit(deadline, self.options.timeouts.handshake)
+        relay = request.advertise if request.discover else None
+        placement = self.peers.join(relay, request.avoid) if relay else Placement(stay=True)
+        try:
+            done = self._place(conv, request, Session(self, conv, snapshot, transport), placement)
+            if relay and done is not None and done.ok:
+                self.peers.holds(relay)
+                hold_membership(conv.channel, self.options.timeouts.idle)
+        finally:
+            if relay:
+                self.peers.leave(relay)
+
+    def _place(
+        self, conv: Conversation, request: PullRequest, session: Session, placement: Placement
+    ) -> Done | None:
+        """Serve ``request`` here (a transfer slot first) or send it to its peers."""
+        if placement.peers:
+            log.info("sending %s to pull from %s", conv.peer, ", ".join(placement.peers))
+        if not placement.stay:
+            return session.run(request, placement)
+        busy = self.admission.admit(conv.deadline, self.options.timeouts.handshake)
         if busy:
-            self._refuse(channel, peer, Refusal(Code.BUSY, f"server is busy: {busy}; retry later"))
-            return
-        session = Session(self, channel, peer, transport)
+            self._refuse(conv, Refusal(Code.BUSY, f"server is busy: {busy}; retry later"))
+            return None
         with self._lock:
             self._sessions[session.id] = session
         try:
-            session.run(hello, request, deadline)
+            return session.run(request, placement)
         finally:
             with self._lock:
                 self._sessions.pop(session.id, None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from netloader import auth
 from netloader.errors import Code
 from netloader.identity import Identity
@@ -23,7 +25,7 @@ class Refusal:
 class Gate:
     """The checks of one server, which serves ``snapshot`` as ``identity``."""
 
-    def __init__(self, identity: Identity, snapshot: Snapshot, token: bytes | None):
+    def __init__(self, identity: Identity, snapshot: Snapshot | None, token: bytes | None):
         self.identity = identity
         self.snapshot = snapshot
         self.token = token
@@ -63,7 +65,7 @@ class Gate:
         mismatch = self.identity.mismatch(request.identity, "server", "client")
         if mismatch:
             return Refusal(*mismatch)
-        if request.manifest is not None:
+        if request.manifest is not None and self.snapshot is not None:
             reason = self.snapshot.manifest.mismatch(request.manifest, "server", "client")
             if reason:
                 return Refusal(Code.MANIFEST, f"tensor manifest differs: {reason}")
@@ -71,7 +73,7 @@ class Gate:
 
     def transport_for(self, request: PullRequest) -> str | Refusal:
         """The first transport the client offers that can carry this server's tensors."""
-        device = self.snapshot.device
+        device = self.snapshot.device if self.snapshot is not None else torch.device("cpu")
         for name in request.transports:
             if name in TRANSPORTS and TRANSPORTS[name].supports(device):
                 return name

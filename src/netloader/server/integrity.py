@@ -17,7 +17,7 @@ log = logging.getLogger("netloader.server")
 
 
 class Integrity:
-    def __init__(self, snapshot: Snapshot):
+    def __init__(self, snapshot: Snapshot | None):
         self.snapshot = snapshot
         #: When set, every pull is refused with this reason.
         self.unavailable: str | None = None
@@ -33,7 +33,7 @@ class Integrity:
 
     def recheck(self) -> None:
         """Hash every served tensor again; if any changed since capture, stop serving."""
-        changed = self.snapshot.changed()
+        changed = self.snapshot.changed() if self.snapshot is not None else []
         if changed:
             self.stop_serving(describe_changed(changed))
         else:

@@ -1,4 +1,5 @@
-"""One accepted transfer: the Accept, the data plane, and the client's Done.
+"""One accepted pull: the Accept, the data plane (unless the client was sent to other peers),
+and the client's verdict (its Done).
 
 A session runs in the thread of the control connection that asked for it; its data streams run
 in the transport. However it ends, the transport is closed and the session forgotten.
@@ -11,10 +12,14 @@ import os
 import select
 import socket
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from netloader.errors import Code, NetloaderError, ProtocolError, TensorsChanged
+from netloader.errors import Code, NetloaderError, ProtocolError, TensorsChanged, Withdrawn
 from netloader.protocol import SESSION_BYTES, Accept, Channel, Done, Hello, PullRequest, Refuse
+from netloader.server.peers import Placement
+from netloader.snapshot import Snapshot
+from netloader.sockets import keepalive
 from netloader.transport import TRANSPORTS, Outgoing
 
 if TYPE_CHECKING:
@@ -23,40 +28,54 @@ if TYPE_CHECKING:
 log = logging.getLogger("netloader.server")
 
 
+@dataclass
+class Conversation:
+    """One control connection: its channel, the peer, the server's greeting, and the
+    handshake's deadline."""
+
+    channel: Channel
+    peer: str
+    hello: Hello
+    deadline: float
+
+
 class Session:
-    def __init__(self, server: Server, channel: Channel, peer: str, transport: str):
+    def __init__(self, server: Server, conv: Conversation, snapshot: Snapshot, transport: str):
         self.server = server
-        self.channel = channel
-        self.peer = peer
+        self.conv = conv
+        self.snapshot = snapshot
         self.transport = TRANSPORTS[transport]()
-        plan = server.snapshot.plan
         self.id = os.urandom(SESSION_BYTES).hex()
         self.out = Outgoing(
-            snapshot=server.snapshot,
+            snapshot=snapshot,
             session=self.id,
             streams=1,
             host=server.options.host,
             idle=server.options.timeouts.idle,
             verify=server.options.verify_before_send,
-            client_gone=lambda: _closed(channel.sock),
+            client_gone=lambda: _closed(conv.channel.sock),
             pacer=server.pacer,
         )
-        self._num_chunks = plan.num_chunks
 
-    def run(self, hello: Hello, request: PullRequest, deadline: float) -> None:
-        """Accept ``request``, move the weights, and log how it ended."""
+    def run(self, request: PullRequest, placement: Placement) -> Done | None:
+        """Accept ``request`` and serve it (or, placed elsewhere, only name the peers); the
+        client's verdict, or None if the transfer broke."""
+        if not placement.stay:
+            self.conv.channel.send(self._accept(request, placement), self.conv.deadline)
+            return self._verdict_of_a_relay()
         limits = self.server.options.limits
         self.out.streams = min(
             request.streams,
             limits.max_streams,
             self.transport.max_streams,
-            max(1, self._num_chunks),
+            max(1, self.snapshot.plan.num_chunks),
         )
         try:
-            self.channel.send(self._accept(hello, request), deadline)
+            self.conv.channel.send(self._accept(request, placement), self.conv.deadline)
             start = time.perf_counter()
             if self._send():
-                self._conclude(time.perf_counter() - start)
+                return self._conclude(time.perf_counter() - start)
+            return None
         finally:
             self.abort()
 
@@ -65,8 +84,9 @@ class Session:
         self.out.cancelled.set()
         self.transport.close()
 
-    def _accept(self, hello: Hello, request: PullRequest) -> Accept:
-        snapshot = self.server.snapshot
+    def _accept(self, request: PullRequest, placement: Placement) -> Accept:
+        snapshot = self.snapshot
+        offer = self.transport.offer(self.out) if placement.stay else {}
         return Accept(
             session=self.id,
             identity=self.server.identity,
@@ -76,8 +96,10 @@ class Session:
             streams=self.out.streams,
             chunk_size=snapshot.plan.chunk_size,
             digests=snapshot.digests,
-            offer=self.transport.offer(self.out),
-            mac=self.server.gate.proof("pull", request.nonce, hello.nonce, self.id),
+            offer=offer,
+            mac=self.server.gate.proof("pull", request.nonce, self.conv.hello.nonce, self.id),
+            peers=list(placement.peers),
+            stay=placement.stay,
         )
 
     def _send(self) -> bool:
@@ -86,42 +108,62 @@ class Session:
             self.transport.send(self.out)
             return True
         except TensorsChanged as exc:
-            log.error("stopped sending to %s: %s", self.peer, exc)
+            log.error("stopped sending to %s: %s", self.conv.peer, exc)
             self.server.integrity.stop_serving(str(exc))
             # Tell the client why on the control connection too, whichever stream it notices.
-            self.channel.send_if_open(Refuse(Code.CHANGED, str(exc)))
+            self.conv.channel.send_if_open(Refuse(Code.CHANGED, str(exc)))
+        except Withdrawn as exc:
+            self.conv.channel.send_if_open(Refuse(Code.UNAVAILABLE, str(exc)))
         except (OSError, NetloaderError) as exc:
             if not self.server.closing.is_set():
-                log.warning("transfer to %s failed: %s", self.peer, exc or type(exc).__name__)
+                log.warning("transfer to %s failed: %s", self.conv.peer, exc or type(exc).__name__)
                 self._hear_why()
         return False
 
-    def _conclude(self, seconds: float) -> None:
-        done = self.channel.recv(Done, deadline=time.monotonic() + self.out.idle)
+    def _conclude(self, seconds: float) -> Done:
+        done = self.conv.channel.recv(Done, deadline=time.monotonic() + self.out.idle)
         if not done.ok:
-            self.server.integrity.client_failed(self.peer, done)
-            return
+            self.server.integrity.client_failed(self.conv.peer, done)
+            return done
         self.server.served += 1
-        total = self.out.sent
+        sent = self.out.sent
         log.info(
             "served %s rank %d to %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
-            self.server.identity.model,
-            self.server.identity.rank,
-            self.peer,
-            total / 1e9,
-            seconds,
-            total / 1e9 / max(seconds, 1e-9),
-            self.transport.name,
-            self.out.streams,
+            *(self.server.identity.model, self.server.identity.rank, self.conv.peer),
+            *(sent / 1e9, seconds, sent / 1e9 / max(seconds, 1e-9)),
+            *(self.transport.name, self.out.streams),
         )
+        return done
+
+    def _verdict_of_a_relay(self) -> Done | None:
+        """A relay sent to other peers pulls for as long as it takes: its verdict is awaited
+        without a time limit, with TCP keepalive to notice a host that vanished."""
+        sock = self.conv.channel.sock
+        keepalive(sock, self.server.options.timeouts.idle)
+        try:
+            return Channel(sock, None).recv(Done)
+        except (OSError, ProtocolError):
+            return None
 
     def _hear_why(self) -> None:
         """After a broken transfer the client may still say why (e.g. a digest mismatch)."""
         try:
-            done = self.channel.recv(Done, deadline=time.monotonic() + 2.0)
+            done = self.conv.channel.recv(Done, deadline=time.monotonic() + 2.0)
         except (OSError, ProtocolError):
             return
-        self.server.integrity.client_failed(self.peer, done)
+        self.server.integrity.client_failed(self.conv.peer, done)
+
+
+def hold_membership(channel: Channel, idle: float) -> None:
+    """Keep a relay's control connection until it closes (its server stopped) or its host
+    vanishes (TCP keepalive); the relay sends nothing more on it."""
+    keepalive(channel.sock, idle)
+    channel.sock.settimeout(None)
+    try:
+        while channel.sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _closed(sock: socket.socket) -> bool:

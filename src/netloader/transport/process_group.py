@@ -73,6 +73,7 @@ class ProcessGroupTransport(Transport):
                     continue
                 if not 0 <= index < plan.num_chunks:
                     raise ProtocolError(f"client asked for chunk {index} of {plan.num_chunks}")
+                out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
                 if out.verify and out.snapshot.digests is not None:
                     out.check(index, staging.views(index, load=True))
                 pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from netloader.errors import Code, ProtocolError, PullError, Refused, TensorsChanged
+from netloader.errors import Code, ProtocolError, PullError, Refused, TensorsChanged, Withdrawn
 from netloader.options import MAX_STREAMS
 from netloader.protocol import Channel, Hello, Refuse, StreamAttach, encode
 from netloader.sockets import close, connect, kernel_timeouts, shutdown
@@ -120,11 +120,13 @@ def _serve_stream(sock: socket.socket, out: Outgoing, mark: Callable[[], None]) 
             continue
         if not 0 <= index < out.snapshot.plan.num_chunks:
             raise ProtocolError(f"client asked for chunk {index} of {out.snapshot.plan.num_chunks}")
-        views = staging.views(index, load=True)
         try:
+            out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
+            views = staging.views(index, load=True)
             out.check(index, views)
-        except TensorsChanged as exc:
-            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(Code.CHANGED, str(exc))))
+        except (TensorsChanged, Withdrawn) as exc:
+            code = Code.CHANGED if isinstance(exc, TensorsChanged) else Code.UNAVAILABLE
+            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(code, str(exc))))
             raise
         out.pace(index)
         send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
@@ -258,7 +260,9 @@ class Streams:
     def _raise(self) -> None:
         # Prefer the error that explains the stop over the closures it caused in other streams.
         for exc in self.errors:
-            if isinstance(exc, PullError | TensorsChanged | ProtocolError | TimeoutError):
+            if isinstance(
+                exc, PullError | TensorsChanged | Withdrawn | ProtocolError | TimeoutError
+            ):
                 raise exc
         if self.errors:
             raise self.errors[0]

@@ -46,6 +46,8 @@ KEYS = {
     "MAX_SOURCES": f"sources of a rank delivering chunks at once (default {DEFAULT_MAX_SOURCES})",
     "MAX_UPLOAD_RATE": "bytes/s a server sends at most, all peers together: a number or a "
     "string like 100MB/s or 800Mbit/s (default: no cap)",
+    "DISCOVERY": "true (default): a source may send this instance to peers ahead of it, which "
+    "relay as they receive; false: use only the SOURCE addresses",
 }
 
 
@@ -65,6 +67,7 @@ class NetloaderConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_sources: int = DEFAULT_MAX_SOURCES
     max_upload_rate: float | None = None
+    discovery: bool = True
 
     def sources_for(self, rank: int) -> list[str]:
         return list(self.sources.get(rank, ()))
@@ -76,7 +79,12 @@ class NetloaderConfig:
             handshake=self.handshake_timeout + self.connect_timeout,
             idle=self.idle_timeout,
         )
-        return PullOptions(token=token, timeouts=timeouts, max_sources=self.max_sources)
+        return PullOptions(
+            token=token,
+            timeouts=timeouts,
+            max_sources=self.max_sources,
+            discovery=self.discovery,
+        )
 
     def serve_options(self, host: str, token: bytes | None) -> ServeOptions:
         return ServeOptions(
@@ -127,6 +135,7 @@ class NetloaderConfig:
             idle_timeout=_positive(values, "IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
             max_sources=_positive(values, "MAX_SOURCES", DEFAULT_MAX_SOURCES, integer=True),
             max_upload_rate=_rate(values.get("MAX_UPLOAD_RATE")),
+            discovery=_flag(values, "DISCOVERY", default=True),
         )
 
 
@@ -237,3 +246,12 @@ def _name_fragments(value: Any) -> tuple[str, ...] | None:
 
 def _rate(value: Any) -> float | None:
     return None if value is None else parse_rate(value, "MAX_UPLOAD_RATE")
+
+
+def _flag(values: Mapping[str, Any], key: str, *, default: bool) -> bool:
+    value = values.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value

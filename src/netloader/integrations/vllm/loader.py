@@ -35,6 +35,7 @@ from netloader.client import pull
 from netloader.errors import PullError
 from netloader.identity import Identity
 from netloader.integrations.vllm.config import NetloaderConfig
+from netloader.options import ServeOptions
 from netloader.server import Server
 from netloader.snapshot import Snapshot, describe_changed
 
@@ -71,6 +72,9 @@ class NetloaderModelLoader(DefaultModelLoader):
         self._pulled_from = ""  # "peer A", or "peers A (x GB), B (y GB)"
         self._identity: Identity | None = None
         self._snapshot: Snapshot | None = None
+        #: This worker's server: started when a pull starts (it relays what arrives), or after
+        #: a load from storage.
+        self._server: Server | None = None
         self._weights_seconds = 0.0
         _route_core_logs()
 
@@ -141,29 +145,46 @@ class NetloaderModelLoader(DefaultModelLoader):
             return super().load_weights(model, model_config)
         start = time.perf_counter()
         if self._mode == "peer":
-            assert self._identity is not None
-            tensors = _named_tensors(model)
-            meta = [n for n, t in tensors.items() if t.device.type == "meta"]
-            if meta:
-                raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
-            options = self.config.pull_options(self.token)
-            try:
-                result = pull(self._pull_from, self._identity, into=tensors, options=options)
-            except PullError:
-                raise
-            except Exception as exc:  # a netloader bug must cost a fallback, not the instance
-                raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
-            used = [source for source, nbytes in result.sources.items() if nbytes]
-            self._pulled_from = (
-                f"peer {result.source}"
-                if len(used) <= 1
-                else f"peers {result.describe_sources(1e9, ' GB')}"
-            )
+            self._snapshot = self._pull_weights(model)
         else:
             super().load_weights(model, model_config)
-            tensors = _named_tensors(model)
+            self._snapshot = self._capture(_named_tensors(model))
         self._weights_seconds = time.perf_counter() - start
-        self._snapshot = self._capture(tensors)
+
+    def _pull_weights(self, model: nn.Module) -> Snapshot:
+        """Pull into the model's own tensors while this worker's server relays each chunk as
+        soon as it landed and was verified; the relay's snapshot is what it serves later."""
+        identity = self._identity
+        assert identity is not None
+        tensors = _named_tensors(model)
+        meta = [n for n, t in tensors.items() if t.device.type == "meta"]
+        if meta:
+            raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
+        relay = self._start_server(Server(None, identity, self._serve_options()), identity)
+        try:
+            result = pull(
+                self._pull_from,
+                identity,
+                tensors,
+                self.config.pull_options(self.token),
+                relay=relay,
+            )
+        except PullError:
+            raise
+        except Exception as exc:  # a netloader bug must cost a fallback, not the instance
+            if relay is not None:
+                relay.withdraw(f"its own pull failed: {exc}")
+            raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
+        used = [source for source, nbytes in result.sources.items() if nbytes]
+        self._pulled_from = (
+            f"peer {result.describe_sources()}"
+            if len(used) <= 1
+            else f"peers {result.describe_sources(1e9, ' GB')}"
+        )
+        if relay is not None and relay.snapshot is not None and not relay.unavailable:
+            self._keep_int8_copies(relay.snapshot, tensors)
+            return relay.snapshot
+        return self._capture(tensors)
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def]
         # vLLM's reload_weights reads through a new loader's get_all_weights: outside our own
@@ -177,29 +198,58 @@ class NetloaderModelLoader(DefaultModelLoader):
     def _capture(self, tensors: dict[str, torch.Tensor]) -> Snapshot:
         """References to the loaded tensors (plus pristine int8 copies when INT8_CACHE says so),
         with their digests, taken before post-processing can change anything."""
-        mode, fragments = self.config.int8_cache, self.config.int8_cache_name
-        served = {}
-        copies = 0
-        for name, t in tensors.items():
-            if (
-                mode != "no"
-                and t.dtype == torch.int8
-                and (fragments is None or any(f in name for f in fragments))
-            ):
-                served[name] = t.clone() if mode == "hbm" else t.to("cpu", copy=True)
-                copies += t.nbytes
-            else:
-                served[name] = t
-        if copies:
-            log.info("netloader: INT8_CACHE=%s keeps %.3f GB of int8 copies", mode, copies / 1e9)
-        return Snapshot(served)
+        return Snapshot({**tensors, **self._int8_copies(tensors)})
 
-    def _serve(self, snapshot: Snapshot, identity: Identity) -> None:
+    def _keep_int8_copies(self, snapshot: Snapshot, tensors: dict[str, torch.Tensor]) -> None:
+        """A relay serves the received tensors themselves; where INT8_CACHE says so, it serves
+        pristine copies instead from now on (post-processing may rewrite the originals)."""
+        for name, copy in self._int8_copies(tensors).items():
+            snapshot.use(name, copy)
+
+    def _int8_copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mode, fragments = self.config.int8_cache, self.config.int8_cache_name
+        copies = {
+            name: t.clone() if mode == "hbm" else t.to("cpu", copy=True)
+            for name, t in tensors.items()
+            if mode != "no"
+            and t.dtype == torch.int8
+            and (fragments is None or any(f in name for f in fragments))
+        }
+        if copies:
+            nbytes = sum(t.nbytes for t in copies.values())
+            log.info("netloader: INT8_CACHE=%s keeps %.3f GB of int8 copies", mode, nbytes / 1e9)
+        return copies
+
+    def _serve_options(self) -> ServeOptions:
         from vllm.utils.network_utils import get_ip
 
+        return self.config.serve_options(get_ip(), self.token)
+
+    def _start_server(self, server: Server, identity: Identity) -> Server | None:
+        """Start this worker's server (once); None when it cannot listen (logged)."""
+        if self._server is not None:
+            return self._server
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning("netloader: rank %d serves no peers: %s", identity.rank, exc)
+            return None
+        if server.address:
+            log.info("netloader: rank %d serving peers on %s", identity.rank, server.address)
+        self._server = server
+        _SERVERS.append(server)
+        return server
+
+    def _serve(self, snapshot: Snapshot, identity: Identity) -> None:
+        """After post-processing: serve ``snapshot`` (the relay already does, unless its pull
+        failed), refusing peers if post-processing rewrote what was captured."""
         changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
-        server = Server(snapshot, identity, self.config.serve_options(get_ip(), self.token))
-        if changed:
+        server = self._server
+        if server is None:
+            server = self._start_server(Server(snapshot, identity, self._serve_options()), identity)
+        elif server.snapshot is not snapshot:
+            server.provide(snapshot)  # a relay whose pull failed: it serves what storage gave
+        if server is not None and changed:
             server.unavailable = (
                 f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "
                 "set INT8_CACHE to keep pristine copies"
@@ -207,14 +257,6 @@ class NetloaderModelLoader(DefaultModelLoader):
             log.warning(
                 "netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable
             )
-        try:
-            server.start()
-        except OSError as exc:
-            log.warning("netloader: rank %d serves no peers: %s", identity.rank, exc)
-            return
-        if server.address:
-            log.info("netloader: rank %d serving peers on %s", identity.rank, server.address)
-        _SERVERS.append(server)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
