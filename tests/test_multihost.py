@@ -32,12 +32,13 @@ def checkpoint(tmp_path_factory):
     return folder, tensors
 
 
-def serve(host, checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``netloader serve`` on ``host``; returns the process and its address."""
+def serve(host, checkpoint: Path, *extra: str, log=None) -> tuple[subprocess.Popen, str]:
+    """``netloader serve`` on ``host`` (its log to the open file ``log``); returns the process
+    and its address."""
     proc = host.popen(
         [sys.executable, "-m", "netloader", "serve", checkpoint, "--host", host.address, *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log or subprocess.DEVNULL,
         text=True,
     )
     line = proc.stdout.readline()
@@ -122,23 +123,43 @@ def test_four_relays_started_together_cost_the_seed_less_than_two_copies(checkpo
 
 
 def test_a_relay_killed_mid_transfer_leaves_the_others_bit_exact(checkpoint, tmp_path):
-    """Four clients in a chain; the second is killed once it has received a quarter of the
-    model. Everyone else finishes bit-exact, the ones behind it from other holders."""
+    """Four clients started together form a chain; one that feeds another is killed once it
+    has received a quarter of the model. Everyone else finishes bit-exact, the ones behind it
+    from other holders."""
     folder, tensors = checkpoint
     size = sum(t.nbytes for t in tensors.values())
     names = [f"c{i}" for i in range(4)]
-    with NetBed(dict.fromkeys(["seed", *names], "200mbit")) as bed:
-        _, seed = serve(bed["seed"], folder)
-        relays = {}
-        for name in names:  # one after the other, so that the chain's order is known
-            relays[name] = replica(bed[name], seed)
-        victim = relays["c1"][0]
-        received = bed["c1"].rx_bytes()
-        while bed["c1"].rx_bytes() - received < size // 4 and victim.poll() is None:
-            time.sleep(0.005)  # polling the link's counter: the event is "a quarter arrived"
-        victim.kill()
-        for name in ("c0", "c2", "c3"):
+    with (
+        NetBed(dict.fromkeys(["seed", *names], "100mbit")) as bed,
+        open(tmp_path / "seed.log", "w+") as seed_log,
+    ):
+        _, seed = serve(bed["seed"], folder, log=seed_log)
+        base = {name: bed[name].rx_bytes() for name in names}
+        relays = {name: replica(bed[name], seed) for name in names}
+        received = {name: lambda n=name: bed[n].rx_bytes() - base[n] for name in names}
+        _until(lambda: all(received[n]() > 0 for n in names))  # every one joined and pulls
+        victim = _a_feeder(seed_log, bed, names)
+        _until(lambda: received[victim]() >= size // 4)
+        relays[victim][0].kill()
+        for name in names:
+            if name == victim:
+                continue
             proc, address = relays[name]
             line = proc.stdout.readline()
             assert PULLED.search(line), line + proc.stderr.read()
             assert_same(tensors, copy_from(bed[name], address, tmp_path / name))
+
+
+def _until(condition) -> None:
+    """Poll ``condition`` (a counter of a link, a log) until it holds; pytest-timeout bounds it."""
+    while not condition():
+        time.sleep(0.005)
+
+
+def _a_feeder(seed_log, bed, names: list[str]) -> str:
+    """A client the seed sent another one to, from the seed's log ("sending A to pull from B")."""
+    by_address = {bed[n].address: n for n in names}
+    seed_log.seek(0)
+    feeders = re.findall(r"to pull from ([\d.]+):\d+", seed_log.read())
+    assert feeders, "the seed sent nobody to a relay"
+    return by_address[feeders[0]]
