@@ -256,6 +256,25 @@ def in_process_server(
     return Server(tensors, identity or Identity("test-model"), **kwargs).start()
 
 
+def frames_of(data: bytes) -> list[dict]:
+    """The control frames that make up ``data`` (bytes a peer sent), each decoded from JSON;
+    anything that is not a whole number of well-formed frames fails the test."""
+    import json
+
+    from netloader.protocol import HEADER, MAGIC
+
+    out = []
+    while data:
+        assert len(data) >= HEADER.size, f"a partial frame header: {data!r}"
+        magic, length = HEADER.unpack(data[: HEADER.size])
+        assert magic == MAGIC, f"not a frame: {data[:40]!r}"
+        body = data[HEADER.size : HEADER.size + length]
+        assert len(body) == length, f"a truncated frame: {data[:80]!r}"
+        out.append(json.loads(body))
+        data = data[HEADER.size + length :]
+    return out
+
+
 class RawClient:
     """Speaks the control protocol by hand, to misbehave on purpose."""
 
