@@ -393,6 +393,7 @@ class Server:
         otherwise why not."""
         if self._waiting is None or not self._waiting.acquire(blocking=False):
             return f"all {self.max_clients} transfer slots and the waiting queue are full"
+        log.info("a client waits for a transfer slot: all %d in use", self.max_clients)
         try:
             while not self._closing.is_set():
                 left = deadline - time.monotonic()
