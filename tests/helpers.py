@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,22 @@ class ServerProcess:
             self.process.terminate()
             self.process.join(10)
         self.kill()
+
+
+def wait_for(condition: Any, timeout: float, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def netloader_threads(exclude: Any = ()) -> list[threading.Thread]:
+    """Live threads netloader created (their names start with "netloader-"), except those in
+    ``exclude`` (e.g. threads that existed before the server under test started)."""
+    return [
+        t for t in threading.enumerate() if t.name.startswith("netloader-") and t not in exclude
+    ]
 
 
 def kill_after(nbytes: int, kill: Any) -> Any:
