@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from helpers import Proxy, ServerProcess, all_cases, assert_same, in_process_server
+from helpers import Proxy, ServerProcess, all_cases, assert_same, in_process_server, wait_for
 
 from netloader import Identity, IntegrityError, PullError, Refused, pull
 from netloader.protocol import PROTOCOL_VERSION, Hello, encode
@@ -157,7 +157,8 @@ def test_changed_tensor_is_caught_then_refused(caplog):
         server.close()
 
 
-def test_verify_before_send_refuses_changed_tensors_up_front():
+def test_verify_before_send_refuses_changed_tensors_up_front(caplog):
+    caplog.set_level(logging.WARNING, "netloader.server")
     tensors = all_cases()
     server = in_process_server(tensors, verify_before_send=True, chunk_size=64 << 10)
     try:
@@ -166,6 +167,9 @@ def test_verify_before_send_refuses_changed_tensors_up_front():
             pull(server.address, IDENT)
         assert info.value.code == "changed"
         assert "data changed since capture in chunks holding 1 tensor(s): 'big'" in str(info.value)
+        # The client hears of it on the data stream, a moment before the session's thread
+        # marks the server unavailable (and logs so).
+        wait_for(lambda: "refusing further pulls" in caplog.text, 10, "the server's verdict")
         with pytest.raises(Refused) as info:  # and every later pull is refused up front
             pull(server.address, IDENT)
         assert info.value.code == "unavailable"
