@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,22 @@ class ServerProcess:
         self.kill()
 
 
+def wait_for(condition: Any, timeout: float, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def netloader_threads(exclude: Any = ()) -> list[threading.Thread]:
+    """Live threads netloader created (their names start with "netloader-"), except those in
+    ``exclude`` (e.g. threads that existed before the server under test started)."""
+    return [
+        t for t in threading.enumerate() if t.name.startswith("netloader-") and t not in exclude
+    ]
+
+
 def kill_after(nbytes: int, kill: Any) -> Any:
     """A Proxy tamper function: once ``nbytes`` went through, call ``kill()`` and cut."""
 
@@ -254,6 +271,25 @@ def in_process_server(
     tensors: dict[str, torch.Tensor], identity: Identity | None = None, **kwargs: Any
 ) -> Server:
     return Server(tensors, identity or Identity("test-model"), **kwargs).start()
+
+
+def frames_of(data: bytes) -> list[dict]:
+    """The control frames that make up ``data`` (bytes a peer sent), each decoded from JSON;
+    anything that is not a whole number of well-formed frames fails the test."""
+    import json
+
+    from netloader.protocol import HEADER, MAGIC
+
+    out = []
+    while data:
+        assert len(data) >= HEADER.size, f"a partial frame header: {data!r}"
+        magic, length = HEADER.unpack(data[: HEADER.size])
+        assert magic == MAGIC, f"not a frame: {data[:40]!r}"
+        body = data[HEADER.size : HEADER.size + length]
+        assert len(body) == length, f"a truncated frame: {data[:80]!r}"
+        out.append(json.loads(body))
+        data = data[HEADER.size + length :]
+    return out
 
 
 class RawClient:

@@ -105,9 +105,16 @@ def test_pull_to_file_holds_every_dtype_and_shape_case(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-def test_pull_to_memory(served):
-    proc = run("pull", served.address)
-    assert "verified, discarded" in proc.stdout
+def test_pull_to_memory(served, checkpoint):
+    proc = run("pull", served.address, check=False)
+    assert proc.returncode == 0, proc.stderr
+    total = sum(t.nbytes for t in checkpoint[1].values())
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"pulled {total} bytes in [\d.]+ s \([\d.]+ GB/s\) from {re.escape(served.address)} "
+        r"over tcp x[1-8] \(verified, discarded\)",
+        last,
+    ), last
 
 
 def test_wrong_model_fails_and_leaves_nothing(served, tmp_path):

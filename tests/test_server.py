@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from helpers import netloader_threads
 
 from netloader import Identity, Server, pull
 from netloader.server import write_address
@@ -59,12 +60,13 @@ def test_write_address_replaces_atomically(tmp_path):
 
 
 def test_close_stops_threads_and_listener():
-    before = threading.active_count()
+    before = netloader_threads()  # e.g. those of other tests' servers, still winding down
     srv = Server(TENSORS, Identity("m")).start()
     port = int(srv.address.rsplit(":", 1)[1])
+    assert [t.name for t in netloader_threads(before)] == ["netloader-accept"]
     pull(srv.address, Identity("m"))
     srv.close()
-    assert threading.active_count() == before
+    assert netloader_threads(before) == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1)
 

@@ -95,7 +95,7 @@ def _address(value: Any) -> str:
     """A peer address ``host:port`` (host non-empty, port 1..65535)."""
     if isinstance(value, str) and len(value) <= MAX_ADDRESS:
         host, sep, port = value.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+        if sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             return value
     raise ProtocolError(f"{str(value)[:60]!r} is not a host:port address")
 

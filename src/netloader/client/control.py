@@ -53,7 +53,7 @@ class Endpoint:
             raise ConfigError(f"a source must be a 'host:port' string, got {source!r}")
         host, sep, port = source.strip().rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(f"source {source!r} is not 'host:port' with a port in 1..65535")
         return cls(source, host, int(port))
 

@@ -4,10 +4,13 @@ busy, with the reason."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from netloader.options import Limits
+
+log = logging.getLogger("netloader.server")
 
 
 class Admission:
@@ -28,6 +31,7 @@ class Admission:
         full = f"all {self.limits.max_clients} transfer slots"
         if self._waiting is None or not self._waiting.acquire(blocking=False):
             return f"{full} and the waiting queue are full"
+        log.info("a client waits for a transfer slot: all %d in use", self.limits.max_clients)
         try:
             while not self.closing.is_set():
                 left = deadline - time.monotonic()
