@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import statistics
@@ -44,50 +43,13 @@ from safetensors.torch import load_file, save_file
 from netloader.bench import machine_description
 from netloader.cli import parse_size
 from netloader.synthetic import llm_like
+from netloader.testing.cpu import CpuSampler
 from netloader.testing.netbed import Host, NetBed, available, parse_rate, stream
 
 PORT = 7000
 LINE = re.compile(r"pulled (\d+) bytes in ([\d.]+) s \(([\d.]+) GB/s\) from (.*?) over ")
 SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 REFETCHED = re.compile(r"(\d+) bytes fetched again")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuSampler:
-    """Cores used by the pull's processes (client and sources), in 0.5 s slices while the pull
-    runs; the median slice is reported, so that the client's Python start-up (about a second of
-    one core) does not count as the transfer's cost. Kernel work done on a process's behalf in
-    its own context counts; the veth and tc work in soft interrupts may not."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.slices: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _total(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
-
-    def _run(self) -> None:
-        last, then = self._total(), time.monotonic()
-        while not self._stop.wait(0.5):
-            now, at = self._total(), time.monotonic()
-            self.slices.append((now - last) / (at - then))
-            last, then = now, at
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return statistics.median(self.slices) if self.slices else float("nan")
 
 
 class Sources:

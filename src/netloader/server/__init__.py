@@ -115,15 +115,12 @@ class Server:
             self._announce()
 
     def withdraw(self, reason: str) -> None:
-        """Stop serving (a relay whose own pull failed): refuse new pulls with ``reason`` and
-        stop those running, including peers waiting for chunks that will not come."""
+        """Stop serving (a relay whose own pull failed): refuse new pulls with ``reason``; the
+        pulls running are refused at their next chunk, with the same reason, whether it had
+        arrived or not (and peers waiting for a chunk that will not come are woken)."""
         self.integrity.unavailable = reason
         if self.snapshot is not None and self.snapshot.ready is not None:
             self.snapshot.ready.withdraw(reason)
-        with self._lock:
-            sessions = list(self._sessions.values())
-        for session in sessions:
-            session.abort()
         log.warning("stopped serving %s: %s", self.identity.model, reason)
 
     def keep(self, sock: socket.socket) -> None:

@@ -23,8 +23,10 @@ class Integrity:
         self.unavailable: str | None = None
 
     def stop_serving(self, reason: str) -> None:
+        if self.unavailable == reason:
+            return
         self.unavailable = reason
-        log.error("refusing all further pulls: %s", reason)
+        log.error("refusing further pulls: %s", reason)
 
     def client_failed(self, peer: str, done: Done) -> None:
         log.warning("client %s reported a failed transfer: %s", peer, done.reason)

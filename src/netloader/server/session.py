@@ -55,6 +55,7 @@ class Session:
             verify=server.options.verify_before_send,
             client_gone=lambda: _closed(conv.channel.sock),
             pacer=server.pacer,
+            on_changed=server.integrity.stop_serving,
         )
 
     def run(self, request: PullRequest, placement: Placement) -> Done | None:

@@ -44,6 +44,9 @@ class Outgoing:
     client_gone: Callable[[], bool] = lambda: False
     #: The server's upload cap, shared by all its transfers (None: uncapped).
     pacer: Pacer | None = None
+    #: Told the reason when a chunk about to go out differs from capture, before any peer
+    #: hears of it: the server refuses every later pull from that moment on.
+    on_changed: Callable[[str], None] = lambda reason: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: Bytes sent in this transfer so far.
     sent: int = 0
@@ -52,7 +55,9 @@ class Outgoing:
     def check(self, index: int, views: list[memoryview]) -> None:
         expected = self.snapshot.digests
         if self.verify and expected is not None and digest(views) != expected[index]:
-            raise TensorsChanged(describe_changed(self.snapshot.names_in(index)))
+            reason = describe_changed(self.snapshot.names_in(index))
+            self.on_changed(reason)
+            raise TensorsChanged(reason)
 
     def pace(self, index: int) -> None:
         """Wait until chunk ``index`` may go out under the server's upload cap."""
