@@ -1,0 +1,218 @@
+"""Fan-out over real, shaped links: one seed, N new instances started together.
+
+    .venv/bin/python benchmarks/fanout.py [--size 128MiB] [--rate 100mbit] [--clients 1,2,4,8]
+        [--json docs/bench-fanout.json] [--plot docs/bench-fanout.png]
+
+Needs root (network namespaces, see docs/netbed.md). Every host, the seed's included, has the
+same symmetric link. The seed runs ``netloader serve CHECKPOINT``; each client host runs
+``netloader serve --from SEED`` (a replica that relays while it receives), all launched at the
+same moment. A run's time is from that moment to the last client printing its ``pulled`` line:
+process start-up included, as when a service scales out. Two modes, side by side:
+
+- seed only: ``--no-discovery``, every client takes the whole model from the seed (what an
+  instance did before fan-out): the seed's uplink carries the model N times;
+- fan-out: discovery on; the seed sends each new client to the one ahead of it, and every
+  client forwards each chunk as soon as it has verified it.
+
+Then, with 4 clients in fan-out mode, a client that feeds another is killed (SIGKILL) once it
+has received a random part (10 % to 80 %) of the model: every other client must still finish
+(each verifies every chunk); the extra time and the bytes fetched twice are reported.
+
+Reported per run: the time, the seed's uplink bytes over the model's size, and the cores used
+by all netloader processes (median of 0.5 s slices), to show the links are the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from netloader.bench import machine_description
+from netloader.cli import parse_size
+from netloader.synthetic import llm_like
+from netloader.testing.cpu import CpuSampler
+from netloader.testing.netbed import NetBed, available
+
+PULLED = re.compile(r"pulled (\d+) bytes in ([\d.]+) s .* from (.*) over ")
+AGAIN = re.compile(r"(\d+) bytes fetched again")
+FEEDER = re.compile(r"to pull from ([\d.]+):\d+")
+
+
+class Client:
+    """``netloader serve --from SEED`` on one host; records when its ``pulled`` line came."""
+
+    def __init__(self, host, seed: str, discovery: bool, start: float):
+        cmd = [sys.executable, "-m", "netloader", "serve", "--from", seed, "--host", host.address]
+        if not discovery:
+            cmd.append("--no-discovery")
+        self.host = host
+        self.start = start
+        self.proc = host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.rx_before = host.rx_bytes()
+        self.pulled_at: float | None = None
+        self.line = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("pulled "):
+                self.pulled_at = time.monotonic() - self.start
+                self.line = line.strip()
+                return
+
+    def received(self) -> int:
+        return self.host.rx_bytes() - self.rx_before
+
+
+def one_run(
+    checkpoint: Path, rate: str, count: int, discovery: bool, kill_at: float | None = None
+) -> dict:
+    names = [f"c{i}" for i in range(count)]
+    size = checkpoint.stat().st_size
+    with NetBed(dict.fromkeys(["seed", *names], rate)) as bed, tempfile.TemporaryFile("w+") as log:
+        seed_host = bed["seed"]
+        serve = ["serve", checkpoint.parent, "--host", seed_host.address, "--model", "bench"]
+        seed = seed_host.popen(
+            [sys.executable, "-m", "netloader", *serve],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        address = seed.stdout.readline().split()[-1]
+        sent_before = seed_host.tx_bytes()
+        start = time.monotonic()
+        clients = [Client(bed[n], address, discovery, start) for n in names]
+        sampler = CpuSampler([seed.pid, *(c.proc.pid for c in clients)])
+        killed = _kill_a_feeder(bed, clients, log, size, kill_at) if kill_at is not None else None
+        for c in clients:
+            if c is not killed:
+                c.reader.join(900)
+                assert c.pulled_at is not None, c.proc.stderr.read()
+        cores = sampler.stop()
+        seed_sent = seed_host.tx_bytes() - sent_before
+    done = [c for c in clients if c is not killed]
+    again = sum(int(m[1]) for c in done if (m := AGAIN.search(c.line)))
+    return {
+        "clients": count,
+        "mode": "fan-out" if discovery else "seed only",
+        "seconds": max(c.pulled_at for c in done),  # type: ignore[type-var]
+        "each_s": sorted(round(c.pulled_at, 2) for c in done),  # type: ignore[arg-type]
+        "seed_uplink_models": seed_sent / size,
+        "cores": cores,
+        "fetched_again": again,
+        "killed_after_fraction": kill_at,
+    }
+
+
+def _kill_a_feeder(bed, clients, log, size: int, fraction: float) -> Client:
+    """SIGKILL a client that feeds another (read off the seed's log) once it has received
+    ``fraction`` of the model."""
+    by_address = {c.host.address: c for c in clients}
+    while True:
+        log.seek(0)
+        feeders = FEEDER.findall(log.read())
+        if feeders:
+            break
+        time.sleep(0.01)
+    victim = by_address[feeders[0]]
+    while victim.received() < fraction * size and victim.proc.poll() is None:
+        time.sleep(0.005)
+    victim.proc.kill()
+    return victim
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=128 << 20)
+    parser.add_argument("--rate", default="100mbit", help="every host's link")
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--seed", type=int, default=0, help="for the random kill point")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    ok, reason = available()
+    if not ok:
+        raise SystemExit(f"needs network namespaces: {reason}")
+    counts = [int(n) for n in args.clients.split(",")]
+    with tempfile.TemporaryDirectory(prefix="netloader-fanout-") as tmp:
+        checkpoint = Path(tmp) / "bench" / "model.safetensors"
+        checkpoint.parent.mkdir()
+        save_file(llm_like(args.size, seed=2), checkpoint)
+        runs = []
+        for discovery in (False, True):
+            for count in counts:
+                runs.append(one_run(checkpoint, args.rate, count, discovery))
+                print(_row(runs[-1]), file=sys.stderr, flush=True)
+        fraction = random.Random(args.seed).uniform(0.1, 0.8)
+        runs.append(one_run(checkpoint, args.rate, 4, True, kill_at=fraction))
+        size = checkpoint.stat().st_size
+    report = {
+        "machine": machine_description(),
+        "payload_bytes": size,
+        "rate": args.rate,
+        "runs": runs,
+    }
+    print(
+        f"{size / 2**20:.0f} MiB, every link {args.rate}; machine: {report['machine']}\n"
+        + "\n".join(_row(r) for r in runs)
+    )
+    one = next(r for r in runs if r["mode"] == "fan-out" and r["clients"] == 1)["seconds"]
+    for r in runs:
+        if r["mode"] == "fan-out" and not r["killed_after_fraction"]:
+            print(f"fan-out, {r['clients']} clients: {r['seconds'] / one:.2f}x the time of 1")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, args.plot)
+
+
+def _row(r: dict) -> str:
+    kill = (
+        f", one killed at {r['killed_after_fraction']:.0%}, {r['fetched_again']} bytes fetched again"
+        if r["killed_after_fraction"]
+        else ""
+    )
+    return (
+        f"{r['mode']:9} {r['clients']} clients: {r['seconds']:6.2f} s (each {r['each_s']}), "
+        f"seed uplink {r['seed_uplink_models']:.2f}x the model, {r['cores']:.2f} cores{kill}"
+    )
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if not r["killed_after_fraction"]]
+    counts = sorted({r["clients"] for r in runs})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for i, mode in enumerate(("seed only", "fan-out")):
+        values = [
+            statistics.mean(r["seconds"] for r in runs if r["mode"] == mode and r["clients"] == n)
+            for n in counts
+        ]
+        ax.bar([x + (i - 0.5) * width for x in range(len(counts))], values, width, label=mode)
+    ax.set_xticks(range(len(counts)), [f"{n} client{'s' * (n > 1)}" for n in counts])
+    ax.set_ylabel("seconds until the last client holds the model")
+    ax.set_title(f"{report['payload_bytes'] / 2**20:.0f} MiB, every link {report['rate']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
