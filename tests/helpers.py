@@ -7,7 +7,10 @@ import importlib
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -342,3 +345,32 @@ def big_cases(seed: int = 0) -> dict[str, torch.Tensor]:
         f"w{i}": torch.randint(0, 256, (4 << 20,), generator=gen, dtype=torch.uint8)
         for i in range(16)
     }
+
+
+class Serve:
+    """``netloader serve ARGS`` in a child process; ``address`` once it printed
+    ``listening on IP:PORT``."""
+
+    def __init__(self, *args: object):
+        netloader = str(Path(sys.executable).with_name("netloader"))
+        self.proc = subprocess.Popen(
+            [netloader, "serve", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        match = re.fullmatch(r"listening on (\S+:\d+)\n", line)
+        assert match, (
+            f"unexpected first line {line!r}; stderr: {self.proc.stderr.read() if not line else ''}"
+        )
+        self.address = match.group(1)
+
+    def next_line(self) -> str:
+        return self.proc.stdout.readline()
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then its exit status and stderr."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err

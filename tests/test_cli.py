@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Proxy, ServerProcess, all_cases, assert_same, kill_after
+from helpers import Proxy, Serve, ServerProcess, all_cases, assert_same, kill_after
 from safetensors.torch import load_file, save_file
 
 from netloader.protocol import PROTOCOL_VERSION
@@ -35,27 +35,6 @@ def checkpoint(tmp_path_factory):
         folder / "model-00002-of-00002.safetensors",
     )
     return folder, tensors
-
-
-class Serve:
-    def __init__(self, *args):
-        self.proc = subprocess.Popen(
-            [NETLOADER, "serve", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        match = re.fullmatch(r"listening on (\S+:\d+)\n", line)
-        assert match, (
-            f"unexpected first line {line!r}; stderr: {self.proc.stderr.read() if not line else ''}"
-        )
-        self.address = match.group(1)
-
-    def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
 
 
 @pytest.fixture(scope="module")

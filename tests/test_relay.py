@@ -6,14 +6,13 @@ a process must die; threads of this process where the registry is inspected."""
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from helpers import Proxy, ServerProcess, all_cases, assert_same, big_cases, kill_after
+from helpers import Proxy, Serve, ServerProcess, all_cases, assert_same, big_cases, kill_after
 from safetensors.torch import save_file
 
 from netloader import Identity, IntegrityError, PeerClosed, Refused, Server, pull
@@ -194,30 +193,6 @@ def checkpoint(tmp_path_factory):
     tensors = big_cases()
     save_file(tensors, folder / "model.safetensors")
     return folder, tensors
-
-
-class Serve:
-    """``netloader serve ...``; ``address`` once it printed ``listening on``."""
-
-    def __init__(self, *args: object):
-        self.proc = subprocess.Popen(
-            [NETLOADER, "serve", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        match = re.fullmatch(r"listening on (\S+:\d+)\n", line)
-        assert match, f"{line!r} {self.proc.stderr.read() if not line else ''}"
-        self.address = match.group(1)
-
-    def next_line(self) -> str:
-        return self.proc.stdout.readline()
-
-    def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
 
 
 def test_serve_from_listens_at_once_pulls_then_serves(checkpoint, tmp_path):
