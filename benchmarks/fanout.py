@@ -10,9 +10,18 @@ same moment. A run's time is from that moment to the last client printing its ``
 process start-up included, as when a service scales out. Two modes, side by side:
 
 - seed only: ``--no-discovery``, every client takes the whole model from the seed (what an
-  instance did before fan-out): the seed's uplink carries the model N times;
+  instance did before fan-out): the seed's uplink carries the model N times (the seed runs
+  ``--max-clients N``, so that all N transfers share its uplink instead of queueing);
 - fan-out: discovery on; the seed sends each new client to the one ahead of it, and every
-  client forwards each chunk as soon as it has verified it.
+  client forwards each chunk as soon as it has verified it;
+- fan-out with 1 MiB chunks (``serve --chunk-size 1MiB`` on the seed): each relay hop waits for
+  a whole chunk to arrive and be verified before forwarding it, so smaller chunks shorten every
+  hop on slow links.
+
+Two times per run: from the launch to the last client's ``pulled`` line (start-up included), and
+the pull phase, from the first client's accepted handshake to the same end: on this 2-core
+machine N Python processes importing torch at once take several seconds of CPU before the first
+pull starts, which a cluster (one machine per instance) does not pay.
 
 Then, with 4 clients in fan-out mode, a client that feeds another is killed (SIGKILL) once it
 has received a random part (10 % to 80 %) of the model: every other client must still finish
@@ -34,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -76,14 +86,28 @@ class Client:
         return self.host.rx_bytes() - self.rx_before
 
 
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    discovery: bool
+    chunk: str = "4MiB"
+
+
+SEED_ONLY = Mode("seed only", discovery=False)
+FAN_OUT = Mode("fan-out", discovery=True)
+FAN_OUT_1MIB = Mode("fan-out, 1 MiB chunks", discovery=True, chunk="1MiB")
+
+
 def one_run(
-    checkpoint: Path, rate: str, count: int, discovery: bool, kill_at: float | None = None
+    checkpoint: Path, rate: str, count: int, mode: Mode, kill_at: float | None = None
 ) -> dict:
     names = [f"c{i}" for i in range(count)]
     size = checkpoint.stat().st_size
     with NetBed(dict.fromkeys(["seed", *names], rate)) as bed, tempfile.TemporaryFile("w+") as log:
         seed_host = bed["seed"]
         serve = ["serve", checkpoint.parent, "--host", seed_host.address, "--model", "bench"]
+        serve += ["--max-clients", str(max(4, count))]  # seed only: all N at once, no queue
+        serve += ["--chunk-size", mode.chunk]
         seed = seed_host.popen(
             [sys.executable, "-m", "netloader", *serve],
             stdout=subprocess.PIPE,
@@ -93,7 +117,7 @@ def one_run(
         address = seed.stdout.readline().split()[-1]
         sent_before = seed_host.tx_bytes()
         start = time.monotonic()
-        clients = [Client(bed[n], address, discovery, start) for n in names]
+        clients = [Client(bed[n], address, mode.discovery, start) for n in names]
         sampler = CpuSampler([seed.pid, *(c.proc.pid for c in clients)])
         killed = _kill_a_feeder(bed, clients, log, size, kill_at) if kill_at is not None else None
         for c in clients:
@@ -104,15 +128,21 @@ def one_run(
         seed_sent = seed_host.tx_bytes() - sent_before
     done = [c for c in clients if c is not killed]
     again = sum(int(m[1]) for c in done if (m := AGAIN.search(c.line)))
+    ends = [c.pulled_at for c in done]
+    starts = [end - float(PULLED.search(c.line)[2]) for end, c in zip(ends, done, strict=True)]
     return {
         "clients": count,
-        "mode": "fan-out" if discovery else "seed only",
-        "seconds": max(c.pulled_at for c in done),  # type: ignore[type-var]
+        "mode": mode.name,
+        "seconds": max(ends),  # type: ignore[type-var]
+        # From the first pull's handshake to the last client holding the model: what remains
+        # when the N processes' start-up (which contend for this machine's 2 cores) is left out.
+        "pull_phase_s": max(ends) - min(starts),  # type: ignore[type-var]
         "each_s": sorted(round(c.pulled_at, 2) for c in done),  # type: ignore[arg-type]
         "seed_uplink_models": seed_sent / size,
         "cores": cores,
         "fetched_again": again,
         "killed_after_fraction": kill_at,
+        "lines": [c.line for c in done],
     }
 
 
@@ -151,12 +181,12 @@ def main() -> None:
         checkpoint.parent.mkdir()
         save_file(llm_like(args.size, seed=2), checkpoint)
         runs = []
-        for discovery in (False, True):
+        for mode in (SEED_ONLY, FAN_OUT, FAN_OUT_1MIB):
             for count in counts:
-                runs.append(one_run(checkpoint, args.rate, count, discovery))
+                runs.append(one_run(checkpoint, args.rate, count, mode))
                 print(_row(runs[-1]), file=sys.stderr, flush=True)
         fraction = random.Random(args.seed).uniform(0.1, 0.8)
-        runs.append(one_run(checkpoint, args.rate, 4, True, kill_at=fraction))
+        runs.append(one_run(checkpoint, args.rate, 4, FAN_OUT, kill_at=fraction))
         size = checkpoint.stat().st_size
     report = {
         "machine": machine_description(),
@@ -168,10 +198,15 @@ def main() -> None:
         f"{size / 2**20:.0f} MiB, every link {args.rate}; machine: {report['machine']}\n"
         + "\n".join(_row(r) for r in runs)
     )
-    one = next(r for r in runs if r["mode"] == "fan-out" and r["clients"] == 1)["seconds"]
-    for r in runs:
-        if r["mode"] == "fan-out" and not r["killed_after_fraction"]:
-            print(f"fan-out, {r['clients']} clients: {r['seconds'] / one:.2f}x the time of 1")
+    for mode in (SEED_ONLY, FAN_OUT, FAN_OUT_1MIB):
+        mine = [r for r in runs if r["mode"] == mode.name and not r["killed_after_fraction"]]
+        one = next(r for r in mine if r["clients"] == 1)
+        for r in mine:
+            print(
+                f"{mode.name}, {r['clients']} clients: {r['seconds'] / one['seconds']:.2f}x the "
+                f"time of 1 from launch, {r['pull_phase_s'] / one['pull_phase_s']:.2f}x its "
+                "pull phase"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
@@ -185,8 +220,9 @@ def _row(r: dict) -> str:
         else ""
     )
     return (
-        f"{r['mode']:9} {r['clients']} clients: {r['seconds']:6.2f} s (each {r['each_s']}), "
-        f"seed uplink {r['seed_uplink_models']:.2f}x the model, {r['cores']:.2f} cores{kill}"
+        f"{r['mode']:21} {r['clients']} clients: {r['seconds']:6.2f} s from launch, pull phase "
+        f"{r['pull_phase_s']:6.2f} s (each done at {r['each_s']}), seed uplink "
+        f"{r['seed_uplink_models']:.2f}x the model, {r['cores']:.2f} cores{kill}"
     )
 
 
@@ -198,14 +234,16 @@ def plot(report: dict, path: str) -> None:
 
     runs = [r for r in report["runs"] if not r["killed_after_fraction"]]
     counts = sorted({r["clients"] for r in runs})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
-    for i, mode in enumerate(("seed only", "fan-out")):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    modes = [SEED_ONLY.name, FAN_OUT.name, FAN_OUT_1MIB.name]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
         values = [
             statistics.mean(r["seconds"] for r in runs if r["mode"] == mode and r["clients"] == n)
             for n in counts
         ]
-        ax.bar([x + (i - 0.5) * width for x in range(len(counts))], values, width, label=mode)
+        offsets = [x + (i - (len(modes) - 1) / 2) * width for x in range(len(counts))]
+        ax.bar(offsets, values, width, label=mode)
     ax.set_xticks(range(len(counts)), [f"{n} client{'s' * (n > 1)}" for n in counts])
     ax.set_ylabel("seconds until the last client holds the model")
     ax.set_title(f"{report['payload_bytes'] / 2**20:.0f} MiB, every link {report['rate']}")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from netbed_fixtures import require_netbed
 
 ROOT = Path(__file__).parent.parent
 NETLOADER = str(Path(sys.executable).with_name("netloader"))
@@ -69,3 +70,33 @@ def test_vllm_weights_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {"peer", "storage, warm cache"} <= set(rows)
     assert all(r["median_s"] > 0 for r in rows.values())
+
+
+def test_striping_bench_small(tmp_path):
+    """benchmarks/striping.py on network namespaces, tiny: every row runs, the killed row is
+    bit-exact."""
+    require_netbed()
+    out = tmp_path / "striping.json"
+    run_script("striping.py", "--size", "8MiB", "--repeats", "1", "--json", out, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(r["median_s"] > 0 for r in rows)
+    assert all(run["bit_exact"] for run in rows[-1]["runs"])
+
+
+def test_fanout_bench_small(tmp_path):
+    """benchmarks/fanout.py on network namespaces, tiny: both modes and the killed relay run."""
+    require_netbed()
+    out = tmp_path / "fanout.json"
+    args = ["--size", "8MiB", "--rate", "50mbit", "--clients", "1,2", "--json", out]
+    run_script("fanout.py", *args, timeout=600)
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["mode"], r["clients"]) for r in runs] == [
+        ("seed only", 1),
+        ("seed only", 2),
+        ("fan-out", 1),
+        ("fan-out", 2),
+        ("fan-out, 1 MiB chunks", 1),
+        ("fan-out, 1 MiB chunks", 2),
+        ("fan-out", 4),
+    ]
+    assert runs[3]["seed_uplink_models"] < 1.5  # two clients, the seed sent the model ~once

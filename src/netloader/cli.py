@@ -28,6 +28,7 @@ from netloader.identity import Identity
 from netloader.manifest import Manifest
 from netloader.options import (
     CLIENT_HANDSHAKE_TIMEOUT,
+    DEFAULT_CHUNK,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_SOURCES,
@@ -39,6 +40,7 @@ from netloader.options import (
     Timeouts,
     parse_rate,
 )
+from netloader.plan import MAX_CHUNK, MIN_CHUNK
 from netloader.server import Server
 
 log = logging.getLogger("netloader.cli")
@@ -111,6 +113,14 @@ def _serve_parser(sub: Any) -> None:
         metavar="RATE",
         help="send at most this much per second to all clients together, e.g. 100MB/s or "
         "800Mbit/s (default: no cap)",
+    )
+    serve.add_argument(
+        "--chunk-size",
+        type=_chunk_size,
+        default=DEFAULT_CHUNK,
+        metavar="SIZE",
+        help="with PATH: the unit of scheduling and checking (default 4MiB); smaller chunks "
+        "shorten each relay hop of a fan-out on slow links, larger ones cost less per byte",
     )
     serve.add_argument(
         "--verify-before-send",
@@ -222,17 +232,30 @@ def _timeout_args(parser: argparse.ArgumentParser, handshake: float, *, connect:
 
 def parse_size(text: str) -> int:
     """A byte count like ``1GiB``, ``256MiB`` or ``1.5GB`` (at least 1 MiB), for argparse."""
+    value = _bytes(text)
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small; use at least 1MiB")
+    return value
+
+
+def _chunk_size(text: str) -> int:
+    value = _bytes(text)
+    if not MIN_CHUNK <= value <= MAX_CHUNK:
+        raise argparse.ArgumentTypeError(
+            f"--chunk-size {text!r} is outside {MIN_CHUNK >> 10}KiB..{MAX_CHUNK >> 20}MiB"
+        )
+    return value
+
+
+def _bytes(text: str) -> int:
     units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
     lowered = text.strip().lower()
     unit = next((u for u in units if lowered.endswith(u)), None)
     number, factor = (lowered.removesuffix(unit), units[unit]) if unit else (lowered, 1)
     try:
-        value = int(float(number) * factor)
+        return int(float(number) * factor)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1GiB or 256MiB") from None
-    if value < 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small; use at least 1MiB")
-    return value
 
 
 def _rate(text: str) -> float:
@@ -325,6 +348,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptions:
         timeouts=Timeouts(handshake=args.handshake_timeout, idle=args.idle_timeout),
         verify_before_send=args.verify_before_send,
         max_upload_rate=args.max_upload_rate,
+        chunk_size=args.chunk_size,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from netloader.client import parse_source
 from netloader.errors import ConfigError, check_seconds
 from netloader.options import (
+    DEFAULT_CHUNK,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_SOURCES,
@@ -26,6 +27,7 @@ from netloader.options import (
     Timeouts,
     parse_rate,
 )
+from netloader.plan import MAX_CHUNK, MIN_CHUNK
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
 
@@ -46,6 +48,8 @@ KEYS = {
     "MAX_SOURCES": f"sources of a rank delivering chunks at once (default {DEFAULT_MAX_SOURCES})",
     "MAX_UPLOAD_RATE": "bytes/s a server sends at most, all peers together: a number or a "
     "string like 100MB/s or 800Mbit/s (default: no cap)",
+    "CHUNK_SIZE": "bytes per chunk this worker's server cuts its weights into (default 4 MiB; "
+    "65536..268435456); smaller chunks shorten each relay hop on slow links",
     "DISCOVERY": "true (default): a source may send this instance to peers ahead of it, which "
     "relay as they receive; false: use only the SOURCE addresses",
 }
@@ -68,6 +72,7 @@ class NetloaderConfig:
     max_sources: int = DEFAULT_MAX_SOURCES
     max_upload_rate: float | None = None
     discovery: bool = True
+    chunk_size: int = DEFAULT_CHUNK
 
     def sources_for(self, rank: int) -> list[str]:
         return list(self.sources.get(rank, ()))
@@ -95,6 +100,7 @@ class NetloaderConfig:
             limits=Limits(max_clients=self.max_clients),
             timeouts=Timeouts(handshake=self.handshake_timeout, idle=self.idle_timeout),
             max_upload_rate=self.max_upload_rate,
+            chunk_size=self.chunk_size,
         )
 
     @classmethod
@@ -136,6 +142,7 @@ class NetloaderConfig:
             max_sources=_positive(values, "MAX_SOURCES", DEFAULT_MAX_SOURCES, integer=True),
             max_upload_rate=_rate(values.get("MAX_UPLOAD_RATE")),
             discovery=_flag(values, "DISCOVERY", default=True),
+            chunk_size=_chunk_size(values.get("CHUNK_SIZE")),
         )
 
 
@@ -254,4 +261,14 @@ def _flag(values: Mapping[str, Any], key: str, *, default: bool) -> bool:
         return default
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _chunk_size(value: Any) -> int:
+    if value is None:
+        return DEFAULT_CHUNK
+    if type(value) is not int or not MIN_CHUNK <= value <= MAX_CHUNK:
+        raise ConfigError(
+            f"CHUNK_SIZE = {value!r} must be an integer number of bytes in {MIN_CHUNK}..{MAX_CHUNK}"
+        )
     return value
