@@ -194,12 +194,13 @@ def test_corrupt_single_source_fails_with_the_integrity_error():
 
 
 def test_all_sources_dying_fails_with_every_reason():
+    """The second source dies first, yet the reasons come in the order the sources were given."""
     with (
         ServerProcess(builder="helpers:big_cases") as a,
         ServerProcess(builder="helpers:big_cases") as b,
     ):
-        pa = Proxy(a.address, kill_after(1 << 20, a.kill))
-        pb = Proxy(b.address, kill_after(1 << 20, b.kill))
+        pa = Proxy(a.address, kill_after(8 << 20, a.kill))
+        pb = Proxy(b.address, kill_after(1 << 16, b.kill))
         try:
             with pytest.raises(AllSourcesFailed) as info:
                 pull([pa.address, pb.address], IDENT)

@@ -106,6 +106,7 @@ class Striped:
         self.job = job
         self.relay = relay if relay is not None and relay.address else None
         self.waiting = list(endpoints)  # not tried yet, in order
+        self.given = [e.text for e in endpoints]  # errors are reported in this order
         self.errors: list[PullError] = []
         self.runs: list[_SourceRun] = []
         self.ended: queue.Queue[_SourceRun] = queue.Queue()
@@ -271,6 +272,10 @@ class Striped:
 
     def _failure(self) -> PullError:
         errors = self.errors or [PullError("no source delivered")]
+        # In the order the operator gave the sources (peers named later go last),
+        # not the order they happened to fail in.
+        rank = {text: i for i, text in enumerate(self.given)}
+        errors = sorted(errors, key=lambda e: rank.get(e.source or "", len(rank)))
         if len(errors) == 1:
             return errors[0]
         return AllSourcesFailed(errors)
