@@ -66,11 +66,13 @@ def test_a_held_name_in_another_layout_or_with_other_tensors_is_refused_for_that
     with pytest.raises(Refused) as err:
         pull(seed.address, Identity("draft-model", rank=1, world_size=2))
     assert err.value.code == "layout"
-    # The target's tensors asked for under the draft's name: the draft's manifest refuses.
+    # The target's tensors asked for under the draft's name: the server checks them against
+    # the draft's manifest and refuses (before the client's own check of its answer).
     into = {n: torch.zeros_like(t) for n, t in all_cases().items()}
     with pytest.raises(Refused) as err:
         pull(seed.address, DRAFT, into=into)
     assert err.value.code == "manifest"
+    assert "refused: tensor manifest differs" in str(err.value)
 
 
 def test_a_second_model_of_the_same_name_is_an_error(seed):

@@ -93,8 +93,10 @@ def seed(target, seed_draft, work):
 
 
 def client(target, own_draft, work, name: str, extra: dict) -> OfflineInstance:
-    """A client with a draft of its own on its disk (``own_draft``)."""
-    run = Run(PROMPTS, extra={"DRAFT_MODEL": DRAFT, **extra}, speculative=speculative(own_draft))
+    """A client with a draft of its own on its disk (``own_draft``), named as the seed's
+    unless ``extra`` says otherwise (``DRAFT_MODEL: None``: by its path)."""
+    extra = {k: v for k, v in {"DRAFT_MODEL": DRAFT, **extra}.items() if v is not None}
+    run = Run(PROMPTS, extra=extra, speculative=speculative(own_draft))
     return OfflineInstance(target, work / f"{name}.log", run)
 
 
@@ -144,20 +146,20 @@ def test_a_client_takes_target_and_draft_from_the_peer(target, own_draft, work, 
 
 
 def test_a_refused_draft_falls_back_alone(target, own_draft, work, seed, plain):
-    """The seed holds no draft called 'another-draft': the client's draft comes from its own
-    disk (and the target accepts as few of its tokens as with vLLM's own loader), while its
-    target still comes from the peer."""
-    extra = {"SOURCE": [source(seed.address)], "DRAFT_MODEL": "another-draft"}
+    """Without DRAFT_MODEL the client names its draft by its path, and the seed holds no draft
+    of that name: the client's draft comes from its own disk (and the target accepts as few of
+    its tokens as with vLLM's own loader), while its target still comes from the peer."""
+    extra = {"SOURCE": [source(seed.address)], "DRAFT_MODEL": None}
     inst = client(target, own_draft, work, "draft_refused", extra)
     outputs, accepted = finish(inst)
     log = inst.log()
     assert paths(inst) == ([f"peer {seed.address}"], ["storage"]), log[-4000:]
     warning = one_warning(log, DRAFT_FALLBACK)
-    assert f"server has '{target}', '{DRAFT}', client wants 'another-draft'" in warning
+    assert f"server has '{target}', '{DRAFT}', client wants '{own_draft}'" in warning
     assert FALLBACK not in log
     assert outputs == plain.result
     assert accepted == plain.accepted
-    assert "'another-draft'" in seed.log()  # the seed logged the refusal too
+    assert f"client wants '{own_draft}'" in seed.log()  # the seed logged the refusal too
 
 
 def test_an_unreachable_source_costs_each_model_its_own_fallback(target, own_draft, work, plain):
