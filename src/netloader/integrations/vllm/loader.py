@@ -264,9 +264,9 @@ class NetloaderModelLoader(DefaultModelLoader):
     def _add_to_server(self, snapshot: Snapshot | None, identity: Identity) -> Served | None:
         """Serve ``snapshot`` (None: what a pull will bring) as ``identity`` from this worker's
         server, starting it for the first model; None when it serves nothing new (logged)."""
-        server = _WORKER.server
         if self._shadowed:
             return None
+        server = _WORKER.server
         if server is None:
             if _WORKER.cannot_listen:
                 return None
