@@ -191,10 +191,18 @@ class Proxy:
     ``tamper(offset, data)`` gets each piece the server sends (``offset``: bytes relayed so far
     on all connections) and returns the bytes to forward, or None to cut every connection. With
     ``per_connection=True`` it is called as ``tamper(connection_index, offset_in_it, data)``
-    (connections numbered in the order they were accepted).
+    (connections numbered in the order they were accepted). ``on_connect(index, relayed)`` is
+    called for each accepted connection before the proxy dials the target; if the target
+    cannot be reached then, the client's connection is closed.
     """
 
-    def __init__(self, target: str, tamper: Any = None, per_connection: bool = False):
+    def __init__(
+        self,
+        target: str,
+        tamper: Any = None,
+        per_connection: bool = False,
+        on_connect: Any = None,
+    ):
         import socket
 
         host, port = target.rsplit(":", 1)
@@ -204,6 +212,7 @@ class Proxy:
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.relayed = 0
         self.per_connection = per_connection
+        self.on_connect = on_connect
         self.connections = 0
         self.lock = threading.Lock()
         self.socks: list = []
@@ -221,11 +230,18 @@ class Proxy:
             if self.cut.is_set():
                 client.close()
                 continue
-            server = socket.create_connection(self.target)
             with self.lock:
-                self.socks += [client, server]
                 index = self.connections
                 self.connections += 1
+            if self.on_connect is not None:
+                self.on_connect(index, self.relayed)
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.socks += [client, server]
             threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, index), daemon=True).start()
 

@@ -23,6 +23,7 @@ def test_full_config():
                 {"device_id": 1, "sources": ["10.0.0.1:7001"]},
             ],
             "MODEL": "llama",
+            "DRAFT_MODEL": "llama-draft",
             "LISTEN_PORT": 7000,
             "INT8_CACHE": "DRAM",
             "INT8_CACHE_NAME": ["mlp", "down_proj"],
@@ -33,6 +34,7 @@ def test_full_config():
     assert cfg.sources_for(1) == ["10.0.0.1:7001"]
     assert cfg.sources_for(2) == []
     assert (cfg.model, cfg.listen_port, cfg.int8_cache) == ("llama", 7000, "dram")
+    assert cfg.draft_model == "llama-draft"
     assert cfg.int8_cache_name == ("mlp", "down_proj")
     assert cfg.output_prefix == "/tmp/addr_"
 
@@ -97,6 +99,7 @@ def test_config_file_wins(tmp_path):
         ({"SOURCE": [{"device_id": 0, "sources": [], "x": 1}]}, ["SOURCE[0]"]),
         ({"MODEL": 3}, ["MODEL must be a non-empty string, got 3"]),
         ({"MODEL": ""}, ["MODEL must be a non-empty string"]),
+        ({"DRAFT_MODEL": ["d"]}, ["DRAFT_MODEL must be a non-empty string, got ['d']"]),
         ({"LISTEN_PORT": "7000"}, ["LISTEN_PORT must be an integer, got '7000'"]),
         ({"LISTEN_PORT": True}, ["LISTEN_PORT must be an integer, got True"]),
         ({"LISTEN_PORT": 70.5}, ["LISTEN_PORT must be an integer, got 70.5"]),

@@ -71,10 +71,12 @@ def pull(
     ``PullHooks``); keyword arguments set single fields of either (``token=``, ``streams=``,
     ``idle_timeout=``, ``progress=``, ...).
 
-    ``relay``: a started ``Server(None, identity, ...)`` of this process; it serves every chunk
-    onwards as soon as it landed and was verified, and (with ``discovery``) the first source
-    learns its address and may send this client to peers ahead of it. If the pull fails the
-    relay is withdrawn.
+    ``relay``: a started ``Server`` of this process with an entry for ``identity.model`` that
+    waits for its weights (``Server(None, identity, ...)``, or ``server.add(None, identity)``
+    for another model); it serves every chunk onwards as soon as it landed and was verified,
+    and (with ``discovery``) the first source learns its address and may send this client to
+    peers ahead of it. If the pull fails that entry is withdrawn (the server's other models
+    are untouched).
     """
     device = torch.device(keywords.pop("device", "cpu"))
     hooks = with_keywords(
@@ -87,6 +89,11 @@ def pull(
     for name in options.transports or ():
         if name not in TRANSPORTS:
             raise ConfigError(f"unknown transport {name!r}; known: {sorted(TRANSPORTS)}")
+    if relay is not None and identity.model not in relay.catalog:
+        raise ConfigError(
+            f"the relay server serves no model named {identity.model!r}; "
+            "add it first: server.add(None, identity)"
+        )
     if into:
         device = device_of(into)
     request = PullRequest(

@@ -9,8 +9,8 @@ refuses, sends a chunk whose digest fails) costs only the chunks it had in fligh
 to the board for the others, and the next source in the list, if any, takes its place. The pull
 fails only when no source is left and chunks are still missing.
 
-With a ``relay`` (a server of this process), every chunk is served onwards as soon as it landed
-and was verified, and the sources are told its address. With discovery on, the first source may
+With a ``relay`` (a server of this process serving the pulled model's name), every chunk is
+served onwards as soon as it landed and was verified, and the sources are told its address. With discovery on, the first source may
 answer "take the chunks from these peers instead" (relays ahead in its chain): this client then
 keeps its connection to that source open as its membership, pulls from the peers, and if they
 all fail asks the source again, naming the peers to avoid.
@@ -48,7 +48,7 @@ from netloader.sockets import shutdown
 from netloader.transport import TRANSPORTS, Incoming
 
 if TYPE_CHECKING:
-    from netloader.server import Server
+    from netloader.server import Served, Server
 
 log = logging.getLogger("netloader.client")
 
@@ -105,6 +105,10 @@ class Striped:
     def __init__(self, job: Job, endpoints: list[Endpoint], relay: Server | None = None):
         self.job = job
         self.relay = relay if relay is not None and relay.address else None
+        #: The relay's entry for the model pulled: it serves what arrives.
+        self.relayed: Served | None = (
+            self.relay.model(job.request.identity.model) if self.relay is not None else None
+        )
         self.waiting = list(endpoints)  # not tried yet, in order
         self.given = [e.text for e in endpoints]  # errors are reported in this order
         self.errors: list[PullError] = []
@@ -253,22 +257,24 @@ class Striped:
 
     def _relay_what_arrives(self) -> None:
         """Serve every chunk onwards as soon as it landed and was verified."""
-        if self.relay is None:
+        if self.relayed is None:
             return
         accept = self.reference
         if accept.digests is None or not self.job.options.verify:
-            self.relay.withdraw("cannot relay chunks it cannot verify (the source sent no digests)")
+            self.relayed.withdraw(
+                "cannot relay chunks it cannot verify (the source sent no digests)"
+            )
             return
         snapshot = Snapshot.receiving(
             accept.manifest, accept.aliases, self.dest.buffers, self.dest.plan, accept.digests
         )
         assert snapshot.ready is not None
         self.board.on_done.append(snapshot.ready.mark)
-        self.relay.provide(snapshot)
+        self.relayed.provide(snapshot)
 
     def _withdraw(self, error: PullError) -> None:
-        if self.relay is not None:
-            self.relay.withdraw(f"its own pull failed: {error}")
+        if self.relayed is not None:
+            self.relayed.withdraw(f"its own pull failed: {error}")
 
     def _failure(self) -> PullError:
         errors = self.errors or [PullError("no source delivered")]

@@ -1,14 +1,20 @@
 """The server: serves one rank's tensors from background threads of a process that keeps working.
 
+One server (one listener) serves every model its process holds for that rank, e.g. a
+speculative-decoding target and its draft: each under its own name, picked by the identity a
+client asks for.
+
 Its parts, along a connection's way:
 
 - ``listener``: one listening socket per rank; every connection gets a short-lived thread;
-- ``handshake``: the checks (protocol, token, identity, manifest, transport) before anything
-  is served, each a refusal with a reason or nothing;
-- ``admission``: transfer slots and the queue of clients waiting for one;
+- ``handshake``: the checks every model shares (protocol, token, transport), each a refusal
+  with a reason or nothing;
+- ``catalog``: the models served, by name; the identity, manifest and availability checks of
+  each (``Served``);
+- ``admission``: transfer slots and the queue of clients waiting for one (shared by all models);
 - ``session``: one accepted transfer, run by its transport;
-- ``peers``: discovery, the relays pulling or holding this model and where each should pull;
-- ``integrity``: whether the server may still serve what it captured.
+- ``peers``: discovery, the relays pulling or holding a model and where each should pull;
+- ``integrity``: whether the server may still serve what it captured of a model.
 
 A connection's first message decides what it is: a ``PullRequest`` (checked, placed, admitted,
 then the thread runs the session; a relay's connection then stays open as its membership), a
@@ -17,7 +23,9 @@ then the thread runs the session; a relay's connection then stays open as its me
 reason and sent to the peer, and ``close()`` stops everything.
 
 A relay's server starts before it holds anything (``tensors=None``): it listens at once, and
-serves from ``provide(snapshot)`` on, each chunk as soon as it landed and was verified.
+serves from ``provide(snapshot)`` on, each chunk as soon as it landed and was verified. Every
+model is such an entry (``Served``): ``add(None, identity)`` makes another one wait for its
+``provide``, and ``withdraw`` stops one model without touching the others.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from netloader.protocol import (
     StreamAttach,
 )
 from netloader.server.admission import Admission
+from netloader.server.catalog import Catalog, Served
 from netloader.server.handshake import Gate, Refusal
 from netloader.server.integrity import Integrity
 from netloader.server.listener import Connection, Listener
@@ -61,17 +70,21 @@ log = logging.getLogger("netloader.server")
 
 PORT_RANGE = range(1024, 65536)
 
-__all__ = ["PORT_RANGE", "Server", "write_address"]
+__all__ = ["PORT_RANGE", "Served", "Server", "write_address"]
 
 
 class Server:
-    """Serves ``tensors`` (one rank of ``identity``) to netloader clients.
+    """Serves ``tensors`` (one rank of ``identity``) to netloader clients, and any further
+    models given to ``add()`` on the same port.
 
     ``options`` says where to listen and what to allow (see ``ServeOptions``); keyword
     arguments set single fields of it (``listen_port=7000``, ``max_clients=2``,
     ``idle_timeout=10``). The server listens on ``listen_port + identity.rank``; a port outside
     1024..65535 means no listener (a warning is logged and ``address`` stays None).
     ``tensors=None`` makes a server that waits for ``provide()`` (a relay).
+
+    ``identity``, ``snapshot``, ``peers``, ``unavailable``, ``provide()`` and ``withdraw()``
+    speak of the first model; ``model(name)`` gives any model's own ``Served``.
     """
 
     def __init__(
@@ -82,46 +95,74 @@ class Server:
         **keywords: Any,
     ):
         self.options = with_keywords(options or ServeOptions(), keywords)
-        self.identity = identity
-        self.snapshot: Snapshot | None = None
-        self.gate = Gate(identity, None, self.options.token)
-        self.integrity = Integrity(None)
-        self.peers = Peers()
+        self.catalog = Catalog()
+        self.gate = Gate(self.options.token)
         self.closing = threading.Event()
         self.admission = Admission(self.options.limits, self.closing)
         rate = self.options.max_upload_rate
         #: The upload cap, shared by every transfer of this server.
         self.pacer = Pacer(rate) if rate else None
         self.address: str | None = None
-        self.served = 0  # completed transfers, for tests and logs
-        self._provided = threading.Event()
+        self.served = 0  # completed transfers of every model, for tests and logs
         self._listener: Listener | None = None
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._kept: list[socket.socket] = []
-        if tensors is not None:
-            snapshot = (
-                tensors
-                if isinstance(tensors, Snapshot)
-                else Snapshot(tensors, chunk_size=self.options.chunk_size)
-            )
-            self._install(snapshot)
+        self._first = self.add(tensors, identity)
+
+    def add(
+        self, tensors: Mapping[str, torch.Tensor] | Snapshot | None, identity: Identity
+    ) -> Served:
+        """Serve ``tensors`` as ``identity`` too, on the same port (``None``: wait for the
+        entry's ``provide()``, a relay). ValueError if a model of that name is served already."""
+        snapshot = (
+            tensors
+            if tensors is None or isinstance(tensors, Snapshot)
+            else Snapshot(tensors, chunk_size=self.options.chunk_size)
+        )
+        served = self.catalog.add(Served(identity, snapshot, self._on_provide))
+        if snapshot is not None and self.address:
+            self._announce(served)
+        return served
+
+    def model(self, name: str | None = None) -> Served:
+        """The entry of the model called ``name`` (KeyError if none); None: the first model."""
+        return self._first if name is None else self.catalog.get(name)
+
+    # --- the first model (what a one-model server serves) --------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        return self._first.identity
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._first.snapshot
+
+    @property
+    def peers(self) -> Peers:
+        return self._first.peers
+
+    @property
+    def integrity(self) -> Integrity:
+        return self._first.integrity
 
     def provide(self, snapshot: Snapshot) -> None:
-        """Serve ``snapshot`` from now on (a relay: as its chunks become ready)."""
-        self.integrity.unavailable = None
-        self._install(snapshot)
-        if self.address:
-            self._announce()
+        """Serve ``snapshot`` as the first model from now on (see ``Served.provide``)."""
+        self._first.provide(snapshot)
 
     def withdraw(self, reason: str) -> None:
-        """Stop serving (a relay whose own pull failed): refuse new pulls with ``reason``; the
-        pulls running are refused at their next chunk, with the same reason, whether it had
-        arrived or not (and peers waiting for a chunk that will not come are woken)."""
-        self.integrity.unavailable = reason
-        if self.snapshot is not None and self.snapshot.ready is not None:
-            self.snapshot.ready.withdraw(reason)
-        log.warning("stopped serving %s: %s", self.identity.model, reason)
+        """Stop serving the first model (see ``Served.withdraw``)."""
+        self._first.withdraw(reason)
+
+    @property
+    def unavailable(self) -> str | None:
+        """When set, every pull of the first model is refused with this reason."""
+        return self._first.unavailable
+
+    @unavailable.setter
+    def unavailable(self, reason: str | None) -> None:
+        self._first.unavailable = reason
 
     def keep(self, sock: socket.socket) -> None:
         """Hold ``sock`` open until this server closes: a relay's membership at its source,
@@ -129,18 +170,9 @@ class Server:
         with self._lock:
             self._kept.append(sock)
 
-    def _install(self, snapshot: Snapshot) -> None:
-        self.snapshot = self.gate.snapshot = self.integrity.snapshot = snapshot
-        self._provided.set()
-
-    @property
-    def unavailable(self) -> str | None:
-        """When set, every pull is refused with this reason (e.g. weights changed)."""
-        return self.integrity.unavailable
-
-    @unavailable.setter
-    def unavailable(self, reason: str | None) -> None:
-        self.integrity.unavailable = reason
+    def _on_provide(self, served: Served) -> None:
+        if self.address:
+            self._announce(served)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -158,8 +190,9 @@ class Server:
         self._listener = Listener.bind(self.options.host, port, self._handle, self.closing)
         self.address = f"{advertised(self.options.host)}:{self._listener.port}"
         self._listener.start()
-        if self.snapshot is not None:
-            self._announce()
+        for served in self.catalog:
+            if served.snapshot is not None:
+                self._announce(served)
         if self.options.output_prefix:
             write_address(self.options.output_prefix, rank, self.address)
         return self
@@ -184,9 +217,9 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _announce(self) -> None:
-        assert self.snapshot is not None
-        ident = self.identity
+    def _announce(self, served: Served) -> None:
+        assert served.snapshot is not None
+        ident = served.identity
         if self.options.token is None:
             log.warning(
                 "serving %s rank %d on %s without a token: anyone who can reach this port can "
@@ -195,8 +228,8 @@ class Server:
             )
         log.info(
             "serving %s (%s, rank %d: %d tensors, %.3f GB) on %s",
-            *(ident.model, ident.layout, ident.rank, len(self.snapshot.manifest)),
-            *(self.snapshot.plan.total_bytes / 1e9, self.address),
+            *(ident.model, ident.layout, ident.rank, len(served.snapshot.manifest)),
+            *(served.snapshot.plan.total_bytes / 1e9, self.address),
         )
 
     # --- one connection -------------------------------------------------------------------
@@ -236,19 +269,10 @@ class Server:
         log.warning("refused %s: %s", conv.peer, refusal.reason)
         conv.channel.send_if_open(Refuse(refusal.code, refusal.reason))
 
-    def _serving(self, conv: Conversation) -> Snapshot | Refusal:
-        """What this server serves, once it has it (a relay's server may still be waiting for
-        its own source's answer, a few milliseconds after it started)."""
-        if self._provided.wait(max(0.0, conv.deadline - time.monotonic())):
-            assert self.snapshot is not None
-            return self.snapshot
-        return Refusal(
-            Code.UNAVAILABLE, "this relay has no weights yet: its own pull has not started"
-        )
-
     def _info(self, conv: Conversation, request: InfoRequest) -> None:
+        """What the first model is (the protocol's info request names no model)."""
         refusal = self.gate.authenticate(conv.hello, request)
-        snapshot = refusal or self._serving(conv)
+        snapshot = refusal or self._first.wait(conv.deadline)
         if isinstance(snapshot, Refusal):
             self._refuse(conv, snapshot)
             return
@@ -271,27 +295,40 @@ class Server:
 
     def _pull(self, conv: Conversation, request: PullRequest) -> None:
         """Check, place and serve one pull; a relay's connection then stays as its membership."""
-        snapshot = self._serving(conv)
-        if isinstance(snapshot, Refusal):
-            self._refuse(conv, snapshot)
+        accepted = self._check_pull(conv, request)
+        if isinstance(accepted, Refusal):
+            self._refuse(conv, accepted)
             return
-        refusal = self.gate.check_pull(conv.hello, request)
-        if refusal is None and self.unavailable:
-            refusal = Refusal(Code.UNAVAILABLE, self.unavailable)
-        transport = self.gate.transport_for(request) if refusal is None else refusal
-        if isinstance(transport, Refusal):
-            self._refuse(conv, transport)
-            return
+        served, snapshot, transport = accepted
         relay = request.advertise if request.discover else None
-        placement = self.peers.join(relay, request.avoid) if relay else Placement(stay=True)
+        placement = served.peers.join(relay, request.avoid) if relay else Placement(stay=True)
+        session = Session(self, conv, served, snapshot, transport)
         try:
-            done = self._place(conv, request, Session(self, conv, snapshot, transport), placement)
+            done = self._place(conv, request, session, placement)
             if relay and done is not None and done.ok:
-                self.peers.holds(relay)
+                served.peers.holds(relay)
                 hold_membership(conv.channel, self.options.timeouts.idle)
         finally:
             if relay:
-                self.peers.leave(relay)
+                served.peers.leave(relay)
+
+    def _check_pull(
+        self, conv: Conversation, request: PullRequest
+    ) -> tuple[Served, Snapshot, str] | Refusal:
+        """The checks, in the order a client can act on: protocol and token, the model asked
+        for (by identity), its snapshot, manifest and availability, then a transport."""
+        refusal = self.gate.check_pull(conv.hello, request)
+        served = refusal or self.catalog.pick(request.identity)
+        if isinstance(served, Refusal):
+            return served
+        snapshot = served.wait(conv.deadline)
+        if isinstance(snapshot, Refusal):
+            return snapshot
+        refusal = served.check(request, snapshot)
+        transport = refusal or self.gate.transport_for(request, snapshot)
+        if isinstance(transport, Refusal):
+            return transport
+        return served, snapshot, transport
 
     def _place(
         self, conv: Conversation, request: PullRequest, session: Session, placement: Placement

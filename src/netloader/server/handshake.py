@@ -1,16 +1,14 @@
-"""What a server checks before it serves: protocol version, the shared token, identity,
-manifest, availability and a common transport. Each check answers with a refusal (a code and
-a reason for people) or None; nothing here touches a socket."""
+"""What a server checks before it serves: protocol version, the shared token and a common
+transport (the model asked for, its manifest and availability are checked by the server's
+``Catalog`` and ``Served``). Each check answers with a refusal (a code and a reason for people)
+or None; nothing here touches a socket."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from netloader import auth
 from netloader.errors import Code
-from netloader.identity import Identity
 from netloader.protocol import PROTOCOL_VERSION, Hello, InfoRequest, PullRequest
 from netloader.snapshot import Snapshot
 from netloader.transport import TRANSPORTS
@@ -23,11 +21,9 @@ class Refusal:
 
 
 class Gate:
-    """The checks of one server, which serves ``snapshot`` as ``identity``."""
+    """The checks of one server that every model it serves shares."""
 
-    def __init__(self, identity: Identity, snapshot: Snapshot | None, token: bytes | None):
-        self.identity = identity
-        self.snapshot = snapshot
+    def __init__(self, token: bytes | None):
         self.token = token
 
     def greeting(self) -> Hello:
@@ -52,28 +48,18 @@ class Gate:
         return None if self.token is None else auth.mac(self.token, "server", *parts)
 
     def check_pull(self, hello: Hello, request: PullRequest) -> Refusal | None:
-        """Whether ``request`` may be served, in the order a client can act on."""
+        """Whether ``request`` may be heard at all: protocol version, then the token."""
         if request.protocol != PROTOCOL_VERSION:
             return Refusal(
                 Code.PROTOCOL,
                 f"protocol version {request.protocol} is not supported; "
                 f"this server speaks {PROTOCOL_VERSION}",
             )
-        refusal = self.authenticate(hello, request)
-        if refusal is not None:
-            return refusal
-        mismatch = self.identity.mismatch(request.identity, "server", "client")
-        if mismatch:
-            return Refusal(*mismatch)
-        if request.manifest is not None and self.snapshot is not None:
-            reason = self.snapshot.manifest.mismatch(request.manifest, "server", "client")
-            if reason:
-                return Refusal(Code.MANIFEST, f"tensor manifest differs: {reason}")
-        return None
+        return self.authenticate(hello, request)
 
-    def transport_for(self, request: PullRequest) -> str | Refusal:
-        """The first transport the client offers that can carry this server's tensors."""
-        device = self.snapshot.device if self.snapshot is not None else torch.device("cpu")
+    def transport_for(self, request: PullRequest, snapshot: Snapshot) -> str | Refusal:
+        """The first transport the client offers that can carry ``snapshot``'s tensors."""
+        device = snapshot.device
         for name in request.transports:
             if name in TRANSPORTS and TRANSPORTS[name].supports(device):
                 return name

@@ -17,8 +17,9 @@ log = logging.getLogger("netloader.server")
 
 
 class Integrity:
-    def __init__(self, snapshot: Snapshot | None):
+    def __init__(self, snapshot: Snapshot | None, model: str):
         self.snapshot = snapshot
+        self.model = model
         #: When set, every pull is refused with this reason.
         self.unavailable: str | None = None
 
@@ -26,7 +27,7 @@ class Integrity:
         if self.unavailable == reason:
             return
         self.unavailable = reason
-        log.error("refusing further pulls: %s", reason)
+        log.error("refusing further pulls of %s: %s", self.model, reason)
 
     def client_failed(self, peer: str, done: Done) -> None:
         log.warning("client %s reported a failed transfer: %s", peer, done.reason)

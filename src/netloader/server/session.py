@@ -24,6 +24,7 @@ from netloader.transport import TRANSPORTS, Outgoing
 
 if TYPE_CHECKING:
     from netloader.server import Server
+    from netloader.server.catalog import Served
 
 log = logging.getLogger("netloader.server")
 
@@ -40,9 +41,19 @@ class Conversation:
 
 
 class Session:
-    def __init__(self, server: Server, conv: Conversation, snapshot: Snapshot, transport: str):
+    """One transfer of ``served``'s ``snapshot`` (one of the ``server``'s models)."""
+
+    def __init__(
+        self,
+        server: Server,
+        conv: Conversation,
+        served: Served,
+        snapshot: Snapshot,
+        transport: str,
+    ):
         self.server = server
         self.conv = conv
+        self.served = served
         self.snapshot = snapshot
         self.transport = TRANSPORTS[transport]()
         self.id = os.urandom(SESSION_BYTES).hex()
@@ -55,7 +66,7 @@ class Session:
             verify=server.options.verify_before_send,
             client_gone=lambda: _closed(conv.channel.sock),
             pacer=server.pacer,
-            on_changed=server.integrity.stop_serving,
+            on_changed=served.integrity.stop_serving,
         )
 
     def run(self, request: PullRequest, placement: Placement) -> Done | None:
@@ -90,7 +101,7 @@ class Session:
         offer = self.transport.offer(self.out) if placement.stay else {}
         return Accept(
             session=self.id,
-            identity=self.server.identity,
+            identity=self.served.identity,
             manifest=snapshot.manifest,
             aliases=snapshot.aliases,
             transport=self.transport.name,
@@ -110,7 +121,7 @@ class Session:
             return True
         except TensorsChanged as exc:
             log.error("stopped sending to %s: %s", self.conv.peer, exc)
-            self.server.integrity.stop_serving(str(exc))
+            self.served.integrity.stop_serving(str(exc))
             # Tell the client why on the control connection too, whichever stream it notices.
             self.conv.channel.send_if_open(Refuse(Code.CHANGED, str(exc)))
         except Withdrawn as exc:
@@ -124,13 +135,14 @@ class Session:
     def _conclude(self, seconds: float) -> Done:
         done = self.conv.channel.recv(Done, deadline=time.monotonic() + self.out.idle)
         if not done.ok:
-            self.server.integrity.client_failed(self.conv.peer, done)
+            self.served.integrity.client_failed(self.conv.peer, done)
             return done
         self.server.served += 1
+        self.served.served += 1
         sent = self.out.sent
         log.info(
             "served %s rank %d to %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
-            *(self.server.identity.model, self.server.identity.rank, self.conv.peer),
+            *(self.served.identity.model, self.served.identity.rank, self.conv.peer),
             *(sent / 1e9, seconds, sent / 1e9 / max(seconds, 1e-9)),
             *(self.transport.name, self.out.streams),
         )
@@ -152,7 +164,7 @@ class Session:
             done = self.conv.channel.recv(Done, deadline=time.monotonic() + 2.0)
         except (OSError, ProtocolError):
             return
-        self.server.integrity.client_failed(self.conv.peer, done)
+        self.served.integrity.client_failed(self.conv.peer, done)
 
 
 def hold_membership(channel: Channel, idle: float) -> None:

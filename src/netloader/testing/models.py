@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,9 @@ def tiny_llama(
     needs. Needs ``transformers`` and ``tokenizers`` (both come with vLLM).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    hf_logging.disable_progress_bar()
     out = Path(path)
-    torch.manual_seed(seed)
     shape = with_keywords(shape or LlamaShape(), keywords)
     config = LlamaConfig(
         vocab_size=shape.vocab,
@@ -55,7 +53,7 @@ def tiny_llama(
         tie_word_embeddings=shape.tie_word_embeddings,
         initializer_range=shape.initializer_range,
     )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    _save_random_weights(config, out, seed)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -73,4 +71,56 @@ def tiny_llama(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_draft(
+    target: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int | None = None
+) -> Path:
+    """A speculative-decoding draft for the ``target`` written by ``tiny_llama``, at ``path``:
+    the same shape and tokenizer, and with ``seed=None`` the very same weights (the target then
+    accepts every drafted token), else random weights from ``seed``."""
+    from transformers import LlamaConfig
+
+    out = Path(path)
+    shutil.copytree(target, out)
+    if seed is not None:
+        _save_random_weights(LlamaConfig.from_pretrained(target), out, seed)
+    return out
+
+
+def _save_random_weights(config: Any, out: Path, seed: int) -> None:
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+
+
+def tiny_eagle_head(
+    target: str | os.PathLike[str], path: str | os.PathLike[str], *, seed: int
+) -> Path:
+    """An EAGLE head for the ``target`` written by ``tiny_llama``, at ``path``: one decoder
+    layer (without its input norm, as EAGLE has it), ``fc`` from embedding and hidden state to
+    hidden state, and embeddings of its own, all random from ``seed``. It has no LM head: vLLM
+    gives it the target's. Serves with ``{"method": "eagle", "model": path, ...}``."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(path)
+    config = LlamaConfig.from_pretrained(target)
+    config.num_hidden_layers = 1
+    config.save_pretrained(out)
+    torch.manual_seed(seed)
+    state = LlamaForCausalLM(config).state_dict()
+    weights = {
+        name.removeprefix("model."): t.clone()
+        for name, t in state.items()
+        if name.startswith("model.layers.0.") and "input_layernorm" not in name
+    }
+    weights["embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    hidden = config.hidden_size
+    weights["fc.weight"] = torch.randn(hidden, 2 * hidden) * config.initializer_range
+    save_file(weights, out / "model.safetensors")
     return out

@@ -52,6 +52,7 @@ KEYS = {
     "65536..268435456); smaller chunks shorten each relay hop on slow links",
     "DISCOVERY": "true (default): a source may send this instance to peers ahead of it, which "
     "relay as they receive; false: use only the SOURCE addresses",
+    "DRAFT_MODEL": "speculative draft model's name for the identity check (default: its path)",
 }
 
 
@@ -59,6 +60,7 @@ KEYS = {
 class NetloaderConfig:
     sources: dict[int, tuple[str, ...]] = field(default_factory=dict)
     model: str | None = None
+    draft_model: str | None = None
     listen_port: int | None = None
     int8_cache: str = "no"
     int8_cache_name: tuple[str, ...] | None = None
@@ -129,6 +131,7 @@ class NetloaderConfig:
         return cls(
             sources=_parse_sources(values.get("SOURCE")),
             model=_optional_str(values, "MODEL"),
+            draft_model=_optional_str(values, "DRAFT_MODEL"),
             listen_port=_optional_int(values, "LISTEN_PORT"),
             int8_cache=_int8_mode(values.get("INT8_CACHE")),
             int8_cache_name=_name_fragments(values.get("INT8_CACHE_NAME")),

@@ -9,8 +9,14 @@ Installing netloader registers the load format in every vLLM process (entry poin
    logs one WARNING, drops that model and loads a fresh one from storage;
 3. captures the loaded tensors *before* vLLM's post-processing (which may repack or rewrite
    them; on CPU it replaces linear weights with kernel handles), with digests;
-4. lets vLLM post-process, then starts a server for this rank in background threads, so that
-   every instance, whichever way it got its weights, is a source for the next ones.
+4. lets vLLM post-process, then serves the captured tensors from this worker's server
+   (background threads), so that every instance, whichever way it got its weights, is a source
+   for the next ones.
+
+A speculative-decoding draft model goes through the same loader, in the same worker, right
+after the target: it is pulled from the same SOURCE addresses under its own identity, falls
+back on its own, and is served by the same server (one listener per worker, every model it
+holds).
 
 Everything here is glue: the transfer itself is netloader's core.
 """
@@ -29,6 +35,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.models.interfaces import supports_any_eagle
 
 from netloader import auth
 from netloader.client import pull
@@ -36,15 +43,31 @@ from netloader.errors import PullError
 from netloader.identity import Identity
 from netloader.integrations.vllm.config import NetloaderConfig
 from netloader.options import ServeOptions
-from netloader.server import Server
+from netloader.server import Served, Server
 from netloader.snapshot import Snapshot, describe_changed
 
 LOAD_FORMAT = "netloader"
 log = init_logger("vllm.netloader")
 
-#: Servers started in this process, so an in-place weight reload can retire them.
-_SERVERS: list[Server] = []
+#: What an EAGLE-style drafter's ``load_weights`` concludes from its checkpoint besides the
+#: weights: whether it has its own embeddings and LM head (vLLM gives it the target's if not).
+#: A pull skips ``load_weights``, so these travel as one more (tiny) tensor of the draft.
+EAGLE_FLAGS = ("has_own_embed_tokens", "has_own_lm_head")
+EAGLE_FLAGS_TENSOR = "netloader.eagle_flags"
+
 _registered = False
+
+
+@dataclasses.dataclass
+class _Worker:
+    """This process's server: a worker is one rank, and one server (one port) serves every
+    model it loads, target and draft. Started by the first model that needs it."""
+
+    server: Server | None = None
+    cannot_listen: bool = False  # starting it failed (logged once): this worker serves nothing
+
+
+_WORKER = _Worker()
 
 
 def register_loader() -> None:
@@ -66,15 +89,18 @@ class NetloaderModelLoader(DefaultModelLoader):
         super().__init__(
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         )
-        # "idle" outside load_model; "peer" or "storage" while loading; "draft" for a draft model.
+        # "idle" outside load_model; "peer" or "storage" while loading.
         self._mode = "idle"
         self._pull_from: list[str] = []
         self._pulled_from = ""  # "peer A", or "peers A (x GB), B (y GB)"
         self._identity: Identity | None = None
+        self._draft = False  # loading a speculative-decoding draft model
         self._snapshot: Snapshot | None = None
-        #: This worker's server: started when a pull starts (it relays what arrives), or after
-        #: a load from storage.
-        self._server: Server | None = None
+        #: This model's entry in the worker's server while its pull relays what arrives.
+        self._relay: Served | None = None
+        #: The worker's server already serves a model of this name (a draft named like its
+        #: target): this one is not served separately.
+        self._shadowed = False
         self._weights_seconds = 0.0
         _route_core_logs()
 
@@ -83,72 +109,75 @@ class NetloaderModelLoader(DefaultModelLoader):
     def load_model(
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
-        if _is_draft(vllm_config, model_config, prefix):
-            log.info("netloader: speculative draft model %s loads from storage", model_config.model)
-            self._mode = "draft"
-            try:
-                return super().load_model(vllm_config, model_config, prefix)
-            finally:
-                self._mode = "idle"
-        identity = _identity(self.config, model_config)
+        self._draft = _is_draft(vllm_config, model_config, prefix)
+        identity = _identity(self.config, model_config, draft=self._draft)
         self._identity = identity
-        sources = self.config.sources_for(identity.rank)
-        model = None
-        failure = None
+        self._shadowed = _WORKER.server is not None and identity.model in _WORKER.server.catalog
+        if self._shadowed:
+            log.warning(
+                "netloader: rank %d does not serve its %smodel separately: its name %r is taken "
+                "(set DRAFT_MODEL to tell target and draft apart)",
+                *(identity.rank, self._label, identity.model),
+            )
         try:
-            if sources:
-                self._mode, self._pull_from = "peer", sources
-                registered = _LayerRegistry(vllm_config)
-                try:
-                    model = super().load_model(vllm_config, model_config, prefix)
-                    path = self._pulled_from
-                except PullError as exc:
-                    failure = str(exc)
-                    registered.forget_new()  # so a fresh model can register the same layers
-            else:
-                log.info("netloader: no SOURCE for rank %d, loading from storage", identity.rank)
-            if model is None:
-                if failure is not None:
-                    log.warning(
-                        "netloader: rank %d could not take its weights from a peer, loading from "
-                        "storage instead: %s",
-                        identity.rank,
-                        failure,
-                    )
-                    gc.collect()  # the half-filled model of the failed attempt goes first
-                self._mode, self._pull_from = "storage", []
-                model = super().load_model(vllm_config, model_config, prefix)
-                path = "storage"
+            model, path = self._load(vllm_config, model_config, prefix)
         finally:
             self._mode = "idle"
         snapshot = self._snapshot
         assert snapshot is not None
-        total = snapshot.plan.total_bytes
-        seconds = self._weights_seconds
+        total, seconds = snapshot.plan.total_bytes, self._weights_seconds
         log.info(
-            "netloader: rank %d weights phase from %s: %.3f GB in %.2f s (%.2f GB/s)",
-            identity.rank,
-            path,
-            total / 1e9,
-            seconds,
+            "netloader: rank %d %sweights phase from %s: %.3f GB in %.2f s (%.2f GB/s)",
+            *(identity.rank, self._label, path, total / 1e9, seconds),
             total / 1e9 / max(seconds, 1e-9),
         )
         self._serve(snapshot, identity)
         return model
+
+    @property
+    def _label(self) -> str:
+        """What log lines call this model: "draft " for a draft, nothing for the target."""
+        return "draft " if self._draft else ""
+
+    def _load(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str
+    ) -> tuple[nn.Module, str]:
+        """The model, from a peer if SOURCE names one for this rank, else (or if that fails,
+        with one WARNING) from storage; and the path taken."""
+        assert self._identity is not None
+        rank = self._identity.rank
+        sources = self.config.sources_for(rank)
+        if not sources:
+            what = "the draft " if self._draft else ""
+            log.info("netloader: no SOURCE for rank %d, loading %sfrom storage", rank, what)
+        else:
+            self._mode, self._pull_from = "peer", sources
+            registered = _LayerRegistry(vllm_config)
+            try:
+                return super().load_model(vllm_config, model_config, prefix), self._pulled_from
+            except PullError as exc:
+                registered.forget_new()  # so a fresh model can register the same layers
+                log.warning(
+                    "netloader: rank %d could not take its %sweights from a peer, loading from "
+                    "storage instead: %s",
+                    *(rank, self._label, exc),
+                )
+                gc.collect()  # the half-filled model of the failed attempt goes first
+        self._mode, self._pull_from = "storage", []
+        return super().load_model(vllm_config, model_config, prefix), "storage"
 
     # --- the weights phase, called by load_model above (between creation and post-processing)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         if self._mode == "idle":
             _retire_servers("weights were reloaded in place after they were captured")
-        if self._mode in ("idle", "draft"):
             return super().load_weights(model, model_config)
         start = time.perf_counter()
         if self._mode == "peer":
             self._snapshot = self._pull_weights(model)
         else:
             super().load_weights(model, model_config)
-            self._snapshot = self._capture(_named_tensors(model))
+            self._snapshot = self._capture(self._tensors(model))
         self._weights_seconds = time.perf_counter() - start
 
     def _pull_weights(self, model: nn.Module) -> Snapshot:
@@ -156,25 +185,22 @@ class NetloaderModelLoader(DefaultModelLoader):
         soon as it landed and was verified; the relay's snapshot is what it serves later."""
         identity = self._identity
         assert identity is not None
-        tensors = _named_tensors(model)
+        tensors = self._tensors(model)
         meta = [n for n, t in tensors.items() if t.device.type == "meta"]
         if meta:
             raise PullError(f"{len(meta)} tensor(s) are not materialised yet, e.g. {meta[0]!r}")
-        relay = self._start_server(Server(None, identity, self._serve_options()), identity)
+        relay = self._relay = self._add_to_server(None, identity)  # filled as the pull lands
+        server = _WORKER.server if relay is not None else None
+        options = self.config.pull_options(self.token)
         try:
-            result = pull(
-                self._pull_from,
-                identity,
-                tensors,
-                self.config.pull_options(self.token),
-                relay=relay,
-            )
+            result = pull(self._pull_from, identity, tensors, options, relay=server)
         except PullError:
             raise
         except Exception as exc:  # a netloader bug must cost a fallback, not the instance
             if relay is not None:
                 relay.withdraw(f"its own pull failed: {exc}")
             raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
+        _set_eagle_flags(model, tensors)
         used = [source for source, nbytes in result.sources.items() if nbytes]
         self._pulled_from = (
             f"peer {result.describe_sources()}"
@@ -192,6 +218,16 @@ class NetloaderModelLoader(DefaultModelLoader):
         if self._mode == "idle":
             _retire_servers("weights were reloaded in place after they were captured")
         return super().get_all_weights(model_config, model)
+
+    def _tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What travels of ``model``: its parameters and persistent buffers, and for an
+        EAGLE-style draft, its flags (see EAGLE_FLAGS)."""
+        tensors = _named_tensors(model)
+        if self._draft and supports_any_eagle(model):
+            device = next(iter(tensors.values())).device
+            flags = [bool(getattr(model, flag, False)) for flag in EAGLE_FLAGS]
+            tensors[EAGLE_FLAGS_TENSOR] = torch.tensor(flags, dtype=torch.uint8, device=device)
+        return tensors
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -225,37 +261,45 @@ class NetloaderModelLoader(DefaultModelLoader):
 
         return self.config.serve_options(get_ip(), self.token)
 
-    def _start_server(self, server: Server, identity: Identity) -> Server | None:
-        """Start this worker's server (once); None when it cannot listen (logged)."""
-        if self._server is not None:
-            return self._server
-        try:
-            server.start()
-        except OSError as exc:
-            log.warning("netloader: rank %d serves no peers: %s", identity.rank, exc)
+    def _add_to_server(self, snapshot: Snapshot | None, identity: Identity) -> Served | None:
+        """Serve ``snapshot`` (None: what a pull will bring) as ``identity`` from this worker's
+        server, starting it for the first model; None when it serves nothing new (logged)."""
+        if self._shadowed:
             return None
-        if server.address:
-            log.info("netloader: rank %d serving peers on %s", identity.rank, server.address)
-        self._server = server
-        _SERVERS.append(server)
-        return server
+        server = _WORKER.server
+        if server is None:
+            if _WORKER.cannot_listen:
+                return None
+            server = Server(snapshot, identity, self._serve_options())
+            try:
+                server.start()
+            except OSError as exc:
+                _WORKER.cannot_listen = True
+                log.warning("netloader: rank %d serves no peers: %s", identity.rank, exc)
+                return None
+            if server.address:
+                log.info("netloader: rank %d serving peers on %s", identity.rank, server.address)
+            _WORKER.server = server
+            return server.model()
+        return server.add(snapshot, identity)
 
     def _serve(self, snapshot: Snapshot, identity: Identity) -> None:
         """After post-processing: serve ``snapshot`` (the relay already does, unless its pull
         failed), refusing peers if post-processing rewrote what was captured."""
         changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
-        server = self._server
-        if server is None:
-            server = self._start_server(Server(snapshot, identity, self._serve_options()), identity)
-        elif server.snapshot is not snapshot:
-            server.provide(snapshot)  # a relay whose pull failed: it serves what storage gave
-        if server is not None and changed:
-            server.unavailable = (
+        served = self._relay
+        if served is None:
+            served = self._add_to_server(snapshot, identity)
+        elif served.snapshot is not snapshot:
+            served.provide(snapshot)  # a relay whose pull failed: it serves what storage gave
+        if served is not None and changed:
+            served.unavailable = (
                 f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "
                 "set INT8_CACHE to keep pristine copies"
             )
             log.warning(
-                "netloader: rank %d will refuse peers: %s", identity.rank, server.unavailable
+                "netloader: rank %d will refuse peers asking for %s: %s",
+                *(identity.rank, identity.model, served.unavailable),
             )
 
 
@@ -264,7 +308,16 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def _identity(config: NetloaderConfig, model_config: ModelConfig) -> Identity:
+def _set_eagle_flags(model: nn.Module, received: dict[str, torch.Tensor]) -> None:
+    """Set an EAGLE-style draft's flags as its source's ``load_weights`` had set them."""
+    if EAGLE_FLAGS_TENSOR in received:
+        for flag, value in zip(EAGLE_FLAGS, received[EAGLE_FLAGS_TENSOR].tolist(), strict=True):
+            setattr(model, flag, bool(value))
+
+
+def _identity(config: NetloaderConfig, model_config: ModelConfig, *, draft: bool) -> Identity:
+    """This rank of ``model_config``'s model; its name is MODEL (DRAFT_MODEL for a draft), or
+    the model's path as vLLM was given it."""
     from vllm.distributed.parallel_state import (
         get_pp_group,
         get_tensor_model_parallel_world_size,
@@ -273,7 +326,7 @@ def _identity(config: NetloaderConfig, model_config: ModelConfig) -> Identity:
 
     world = get_world_group()
     return Identity(
-        model=config.model or model_config.model,
+        model=(config.draft_model if draft else config.model) or model_config.model,
         rank=world.rank,
         world_size=world.world_size,
         tensor_parallel_size=get_tensor_model_parallel_world_size(),
@@ -306,10 +359,15 @@ class _LayerRegistry:
 
 
 def _retire_servers(reason: str) -> None:
-    for server in _SERVERS:
-        if not server.unavailable:
-            server.unavailable = reason
-            log.warning("netloader: server on %s now refuses peers: %s", server.address, reason)
+    """Refuse peers every model of this worker (the reload does not say which one it is)."""
+    server = _WORKER.server
+    for served in server.catalog if server is not None else ():
+        if not served.unavailable:
+            served.unavailable = reason
+            log.warning(
+                "netloader: server on %s now refuses peers asking for %s: %s",
+                *(server.address, served.model, reason),
+            )
 
 
 def _route_core_logs() -> None:
