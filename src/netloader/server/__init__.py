@@ -84,7 +84,7 @@ class Server:
         self.options = with_keywords(options or ServeOptions(), keywords)
         self.identity = identity
         self.snapshot: Snapshot | None = None
-        self.gate = Gate(identity, None, self.options.token)
+        self.gate = Gate(identity, None, self.options.token, self.options.cuda_ipc)
         self.integrity = Integrity(None)
         self.peers = Peers()
         self.closing = threading.Event()
@@ -278,7 +278,8 @@ class Server:
         refusal = self.gate.check_pull(conv.hello, request)
         if refusal is None and self.unavailable:
             refusal = Refusal(Code.UNAVAILABLE, self.unavailable)
-        transport = self.gate.transport_for(request) if refusal is None else refusal
+        peer_host = conv.peer.rpartition(":")[0].strip("[]")
+        transport = self.gate.transport_for(request, peer_host) if refusal is None else refusal
         if isinstance(transport, Refusal):
             self._refuse(conv, transport)
             return

@@ -14,6 +14,7 @@ from netloader.identity import Identity
 from netloader.protocol import PROTOCOL_VERSION, Hello, InfoRequest, PullRequest
 from netloader.snapshot import Snapshot
 from netloader.transport import TRANSPORTS
+from netloader.transport.cuda_ipc import CudaIpcTransport
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,18 @@ class Refusal:
 class Gate:
     """The checks of one server, which serves ``snapshot`` as ``identity``."""
 
-    def __init__(self, identity: Identity, snapshot: Snapshot | None, token: bytes | None):
+    def __init__(
+        self,
+        identity: Identity,
+        snapshot: Snapshot | None,
+        token: bytes | None,
+        cuda_ipc: bool = True,
+    ):
         self.identity = identity
         self.snapshot = snapshot
         self.token = token
+        #: Whether clients on this host may map the served tensors (the ``cuda_ipc`` transport).
+        self.cuda_ipc = cuda_ipc
 
     def greeting(self) -> Hello:
         return Hello(PROTOCOL_VERSION, auth.new_nonce(), self.token is not None)
@@ -71,11 +80,15 @@ class Gate:
                 return Refusal(Code.MANIFEST, f"tensor manifest differs: {reason}")
         return None
 
-    def transport_for(self, request: PullRequest) -> str | Refusal:
-        """The first transport the client offers that can carry this server's tensors."""
+    def transport_for(self, request: PullRequest, peer_host: str) -> str | Refusal:
+        """The first transport the client (at ``peer_host``) offers that can carry this
+        server's tensors to it."""
         device = self.snapshot.device if self.snapshot is not None else torch.device("cpu")
         for name in request.transports:
-            if name in TRANSPORTS and TRANSPORTS[name].supports(device):
+            if name == CudaIpcTransport.name and not self.cuda_ipc:
+                continue
+            kind = TRANSPORTS.get(name)
+            if kind is not None and kind.supports(device) and kind.reaches(peer_host):
                 return name
         return Refusal(
             Code.TRANSPORT,
