@@ -4,9 +4,12 @@ choice of CUDA IPC and its fallback, the IPC offer's JSON and bounds, and the pr
 cuda_ipc data connection with its two CUDA-only steps (sharing and mapping handles) replaced by
 doubles that hand over the server's host tensors. tests/test_device.py has the CUDA cases."""
 
+import importlib.util
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -505,3 +508,49 @@ def test_ipc_falls_back_to_tcp_on_the_same_connection(pretend_cuda, caplog):
     assert (result.transport, result.streams) == ("tcp", 1)
     assert_same(tensors, dest)
     assert "the served tensors are not all on one CUDA device" in caplog.text
+
+
+# --- make device-check without a GPU -----------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine: run make device-check")
+def test_device_check_says_it_needs_a_gpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--size", "8MiB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "needs a CUDA GPU" in proc.stdout
+
+
+def load_device_check():
+    spec = importlib.util.spec_from_file_location(
+        "device_check", ROOT / "benchmarks/device_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_check_targets():
+    check = load_device_check()
+    seconds = {
+        "raw pinned D2H + H2D": 1.0,
+        "raw loopback TCP": 2.0,
+        "netloader TCP, device staging": 2.4,
+        "netloader CUDA IPC": 0.05,
+        "D2D copy, one process": 0.02,
+        "on-device digests": 0.004,
+    }
+    got = {t["target"]: t for t in check.targets(seconds)}
+    tcp = got["netloader TCP >= 0.8x the slower of raw pinned copies and raw TCP"]
+    assert tcp["ratio"] == pytest.approx(2.0 / 2.4) and tcp["met"]
+    ipc = got["netloader CUDA IPC >= 0.5x a D2D copy in one process"]
+    assert ipc["ratio"] == pytest.approx(0.4) and not ipc["met"]
+    digests = got["on-device digests < 5% of the CUDA IPC transfer"]
+    assert digests["ratio"] == pytest.approx(0.08) and not digests["met"]
+    assert check.targets({})[0]["met"] is None  # nothing measured: nothing claimed
