@@ -31,7 +31,9 @@ digests (outside the timing). Targets: netloader TCP >= 0.8x the slower of rows 
 IPC >= 0.5x row 5; on-device digests < 5% of the CUDA IPC transfer time.
 
 Writes JSON to ``$OUT/device-check.json`` when ``OUT`` is set, else
-``bench-out/device-check.json`` (or ``--json FILE``), and prints a table.
+``bench-out/device-check.json`` (or ``--json FILE``), and prints a table. The exit status is 1
+when a test or a row failed. ``--device cpu`` runs the script's own machinery on a machine
+without a GPU (the rows that need CUDA fail with their reason), as the CPU test suite does.
 """
 
 from __future__ import annotations

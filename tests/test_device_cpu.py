@@ -5,6 +5,7 @@ cuda_ipc data connection with its two CUDA-only steps (sharing and mapping handl
 doubles that hand over the server's host tensors. tests/test_device.py has the CUDA cases."""
 
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -525,6 +526,28 @@ def test_device_check_says_it_needs_a_gpu():
     )
     assert proc.returncode == 0, proc.stderr
     assert "needs a CUDA GPU" in proc.stdout
+
+
+def test_device_check_runs_its_rows_on_a_cpu(tmp_path):
+    """``--device cpu``: the two processes, the rows that need no CUDA, the report; the rows
+    that need CUDA fail with their reason (and the exit status says so)."""
+    out = tmp_path / "device-check.json"
+    args = ["--device", "cpu", "--size", "8MiB", "--repeats", "2", "--skip-tests", "--json", out]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = json.loads(out.read_text())["bench"]
+    measured = {key for key, values in bench["rows"].items() if len(values) == 2}
+    assert measured == {"raw_tcp", "tcp", "d2d", "digest"}, bench["errors"]
+    assert set(bench["errors"]) == {"pinned", "ipc", "ipc_unverified"}
+    assert "pin_memory" in bench["errors"]["pinned"]
+    assert "none of the transports ['cuda_ipc']" in bench["errors"]["ipc"]
+    assert "netloader TCP, device staging" in proc.stdout and "targets:" in proc.stdout
 
 
 def load_device_check():
