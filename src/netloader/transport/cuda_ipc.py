@@ -79,8 +79,10 @@ from netloader.transport.tcp import (
 
 log = logging.getLogger("netloader.transport")
 
-#: Chunk requests a client keeps outstanding: an answer carries no bytes, so many are cheap.
-WINDOW = 64
+#: Chunk requests a client keeps outstanding (1 GiB of 4 MiB chunks): an answer carries no
+#: bytes, and the more answers have arrived, the more chunks one round of copies and one
+#: synchronisation cover. (A source holds the chunks it asked for until it fails.)
+WINDOW = 256
 
 
 class CudaIpcTransport(TcpTransport):
