@@ -5,7 +5,7 @@ measured side by side.
     PYTHONPATH=src python3 benchmarks/device_check.py --size 1GiB --repeats 2 --skip-tests
 
 Needs no package index and no vLLM: torch with CUDA, xxhash, safetensors, pytest. Without CUDA
-it says so and exits 0. Everything runs within ``--budget`` seconds (default 280): the tests
+it says so and exits 0. Everything runs within ``--budget`` seconds (default 260): the tests
 get at most ``--test-timeout``, and no new round of measurements starts that would not fit.
 
 The payload: ``--size`` (default 8 GiB) of tensors shaped like an LLM (bf16 attention, int8 MLP
@@ -44,6 +44,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import socket
 import statistics
 import subprocess
@@ -104,7 +105,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=8 << 30, help="payload (8GiB)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every row (3)")
     parser.add_argument("--streams", type=int, default=min(8, os.cpu_count() or 2))
-    parser.add_argument("--budget", type=float, default=280.0, help="seconds for everything")
+    parser.add_argument("--budget", type=float, default=260.0, help="seconds for everything")
     parser.add_argument("--test-timeout", type=float, default=150.0)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--json", help="where to write the report")
@@ -396,7 +397,7 @@ class Worker:
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.send("stop")
-        self.process.join(20)
+        self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -515,13 +516,13 @@ class Sender:
         capture = time.perf_counter() - start
         self.server = Server(snapshot, Identity("device-check"), max_streams=streams).start()
         nbytes = snapshot.plan.total_bytes
-        raw = RawQueue()
+        raw: queue.Queue[str] = queue.Queue()  # where _serve_raw puts its address
         threading.Thread(
             target=_serve_raw, args=(raw, nbytes - nbytes % streams, streams), daemon=True
         ).start()
         self.info = {
             "address": self.server.address,
-            "raw_address": raw.get(),
+            "raw_address": raw.get(timeout=120),
             "nbytes": nbytes,
             "tensors": len(self.tensors),
             "chunks": snapshot.plan.num_chunks,
@@ -531,22 +532,6 @@ class Sender:
 
     def d2h(self) -> float:
         return _pinned_copies(list(self.tensors.values()), True, self.barrier)
-
-
-class RawQueue:
-    """What ``bench._serve_raw`` puts its address into."""
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.value = ""
-
-    def put(self, value: str) -> None:
-        self.value = value
-        self.ready.set()
-
-    def get(self) -> str:
-        self.ready.wait(60)
-        return self.value
 
 
 class Receiver:
