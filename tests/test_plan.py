@@ -37,3 +37,20 @@ def test_chunk_size_bounds():
 def test_empty_plan():
     assert Plan([], MIN_CHUNK).num_chunks == 0
     assert Plan([0, 0], MIN_CHUNK).num_chunks == 0
+
+
+def test_joined_pieces_join_only_adjacent_ranges():
+    """Consecutive chunks of one tensor become one range; a chunk left out leaves a gap."""
+    plan = Plan([10, 3 * MIN_CHUNK, 7], MIN_CHUNK)
+    whole = plan.joined(range(plan.num_chunks))
+    assert [(p.slot, p.start, p.stop) for p in whole] == [
+        (0, 0, 10),
+        (1, 0, 3 * MIN_CHUNK),
+        (2, 0, 7),
+    ]
+    gap = plan.joined([0, 2])
+    assert [(p.slot, p.start, p.stop) for p in gap] == [
+        (0, 0, 10),
+        (1, 0, MIN_CHUNK - 10),
+        (1, 2 * MIN_CHUNK - 10, 3 * MIN_CHUNK - 10),
+    ]

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import socket
 import string
 import struct
@@ -27,6 +28,9 @@ from netloader.protocol import (
     Hello,
     InfoReply,
     InfoRequest,
+    IpcOffer,
+    IpcReply,
+    IpcStorage,
     PullRequest,
     Refuse,
     StreamAttach,
@@ -91,7 +95,35 @@ def accepts(draw):
         mac=draw(st.none() | hexes(32)),
         peers=draw(st.lists(addresses, max_size=4)),
         stay=draw(st.booleans()),
+        digest=draw(st.sampled_from(["xxh3-64", "wsum64"])),
     )
+
+
+ipc_storages = st.builds(
+    IpcStorage,
+    st.sampled_from([b"", b"\x02c"]).flatmap(
+        lambda p: st.binary(min_size=64, max_size=64).map(lambda h: (p + h).hex())
+    ),
+    st.integers(1, 1 << 48),
+    st.integers(0, 1 << 48),
+    st.from_regex(r"/[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}", fullmatch=True),
+    st.integers(0, 9999),
+    hexes(64),
+    st.booleans(),
+)
+
+
+@st.composite
+def ipc_offers(draw):
+    storages = draw(st.lists(ipc_storages, max_size=4))
+    slot = st.none()
+    if storages:
+        slot = slot | st.tuples(st.integers(0, len(storages) - 1), st.integers(0, (1 << 48) - 1))
+    slots = [None if s is None else list(s) for s in draw(st.lists(slot, max_size=6))]
+    if draw(st.booleans()):
+        return IpcOffer("", [], [], draw(texts.filter(bool)))
+    gpu = draw(st.from_regex(r"[A-Za-z0-9-]{1,64}", fullmatch=True))
+    return IpcOffer(gpu, storages, slots)
 
 
 by_kind = {
@@ -122,6 +154,8 @@ by_kind = {
         st.none() | hexes(32),
     ),
     "done": st.builds(Done, st.booleans(), texts, st.text(max_size=64)),
+    "ipc_offer": ipc_offers(),
+    "ipc_reply": st.builds(IpcReply, st.booleans(), texts),
 }
 messages = st.one_of(*by_kind.values())
 
@@ -276,6 +310,120 @@ def is_transports(v, o):
 with_edges(is_transports, ["tcp"] * 8, ["tcp"] * 9, [""], ["x" * 32], ["x" * 33], [1])
 
 
+def is_digest_kind(v, o):
+    return v is None or v in ("xxh3-64", "wsum64")  # absent or null: XXH3, as before the field
+
+
+with_edges(is_digest_kind, "xxh3-64", "wsum64", "XXH3-64", "md5", "x" * 33)
+
+
+def is_hex_text(v, limit):
+    return (
+        type(v) is str
+        and len(v) <= limit
+        and len(v) % 2 == 0
+        and all(c in string.hexdigits for c in v)
+    )
+
+
+def is_ipc_storage(v):
+    keys = {"handle", "size", "offset", "ref", "ref_offset", "event", "sync"}
+    if type(v) is not dict or set(v) != keys or not is_hex_text(v["handle"], 132):
+        return False
+    handle = bytes.fromhex(v["handle"])
+    if not (len(handle) == 64 or (len(handle) == 66 and handle[:2] == b"\x02c")):
+        return False
+    ref = v["ref"]
+    if type(ref) is not str or len(ref) > 200:
+        return False
+    if not re.fullmatch(r"/[A-Za-z0-9_][A-Za-z0-9_.-]*", ref):
+        return False
+    return (
+        all(type(v[k]) is int for k in ("size", "offset", "ref_offset"))
+        and 1 <= v["size"] <= 1 << 48
+        and 0 <= v["offset"] <= 1 << 48
+        and 0 <= v["ref_offset"] < 10_000
+        and is_hex_text(v["event"], 128)
+        and len(v["event"]) == 128
+        and type(v["sync"]) is bool
+    )
+
+
+STORAGE = {
+    "handle": "ab" * 64,
+    "size": 1,
+    "offset": 0,
+    "ref": "/torch_1_2_3",
+    "ref_offset": 0,
+    "event": "cd" * 64,
+    "sync": True,
+}
+
+
+def is_ipc_storages(v, o):
+    return type(v) is list and len(v) <= 1_000_000 and all(is_ipc_storage(s) for s in v)
+
+
+with_edges(
+    is_ipc_storages,
+    [STORAGE],
+    [{**STORAGE, "handle": "0263" + "ab" * 64}],  # torch's version 2, cudaMalloc memory
+    [{**STORAGE, "handle": "0265" + "ab" * 64}],  # expandable segments: not opened
+    [{**STORAGE, "handle": "ab" * 65}],
+    [{**STORAGE, "handle": "ab" * 63}],
+    [{**STORAGE, "handle": "zz" * 64}],
+    [{**STORAGE, "size": 0}],
+    [{**STORAGE, "size": (1 << 48) + 1}],
+    [{**STORAGE, "offset": -1}],
+    [{**STORAGE, "ref": "/torch_" + "1" * 193}],
+    [{**STORAGE, "ref": "/torch_" + "1" * 194}],
+    [{**STORAGE, "ref": "/../etc/passwd"}],
+    [{**STORAGE, "ref": "/a/b"}],
+    [{**STORAGE, "ref": "torch_1"}],
+    [{**STORAGE, "ref": "/.."}],
+    [{**STORAGE, "ref_offset": 9999}],
+    [{**STORAGE, "ref_offset": 10_000}],
+    [{**STORAGE, "event": "cd" * 63}],
+    [{**STORAGE, "sync": 1}],
+    [{**STORAGE, "extra": 1}],
+    [{k: v for k, v in STORAGE.items() if k != "event"}],
+    ["ab" * 64],
+)
+
+
+def is_ipc_slots(v, o):
+    storages = o.get("storages")
+    count = len(storages) if type(storages) is list else 0
+    return (
+        type(v) is list
+        and len(v) <= 1_000_000
+        and all(
+            s is None
+            or (
+                type(s) is list
+                and len(s) == 2
+                and all(type(x) is int for x in s)
+                and 0 <= s[0] < count
+                and 0 <= s[1] < 1 << 48
+            )
+            for s in v
+        )
+    )
+
+
+with_edges(is_ipc_slots, [None, [0, 0]], [[1, 0]], [[0, -1]], [[0, 1 << 48]], [[0]], [[0, True]])
+
+
+def is_gpu_id(v, o):
+    if type(v) is not str or len(v) > 64:
+        return False
+    reason = o.get("reason")
+    return bool(reason) or re.fullmatch(r"[A-Za-z0-9-]{1,64}", v) is not None
+
+
+with_edges(is_gpu_id, "GPU-1234-abcd", "", "g" * 64, "g" * 65, "gpu 0", "../0")
+
+
 def is_aliases(v, o):
     """[[index, earlier index], ...] joining tensors of one dtype and shape, no chains."""
     manifest = o.get("manifest")
@@ -357,6 +505,7 @@ FIELDS = {
         "mac": MAC,
         "peers": is_addresses,
         "stay": is_bool,
+        "digest": is_digest_kind,
     },
     "refuse": {"code": is_text(64), "reason": is_text(4096)},  # an empty reason is allowed
     "info_reply": {
@@ -367,8 +516,17 @@ FIELDS = {
         "mac": MAC,
     },
     "done": {"ok": is_bool, "reason": is_text(4096), "code": is_text(64)},
+    "ipc_offer": {
+        "gpu": is_gpu_id,
+        "storages": is_ipc_storages,
+        "slots": is_ipc_slots,
+        "reason": is_text(4096),
+    },
+    "ipc_reply": {"ok": is_bool, "reason": is_text(4096)},
 }
-LIMITS = {kind: (64 << 20 if kind in ("pull", "accept") else 64 << 10) for kind in FIELDS}
+LIMITS = {
+    kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
+}
 
 
 def invalid_fields(obj: dict, body_size: int) -> list[str]:
@@ -383,6 +541,7 @@ def canonical(kind: str, fields: dict) -> str:
     out = {key: fields.get(key) for key in FIELDS[kind]}
     if kind == "accept":
         out["aliases"] = sorted(dict(map(tuple, out["aliases"])).items())
+        out["digest"] = out["digest"] or "xxh3-64"  # absent: the digests are XXH3
     return json.dumps(out, sort_keys=True)
 
 

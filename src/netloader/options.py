@@ -80,7 +80,8 @@ class ServeOptions:
 
     ``listen_port`` is a base port: the server listens on ``listen_port + rank``; None lets the
     OS choose. ``output_prefix``: write the address to ``{output_prefix}{rank}.txt``.
-    ``verify_before_send``: hash every chunk again just before sending it.
+    ``verify_before_send``: hash every chunk again just before sending it. ``cuda_ipc``: let
+    clients on this host map the served CUDA tensors (read-write: see ``transport.cuda_ipc``).
     """
 
     host: str = "127.0.0.1"
@@ -93,6 +94,8 @@ class ServeOptions:
     verify_before_send: bool = False
     #: Bytes per second this server sends at most, to all its clients together (None: no cap).
     max_upload_rate: float | None = None
+    #: Offer the ``cuda_ipc`` transport to clients on this host (CUDA tensors only).
+    cuda_ipc: bool = True
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:

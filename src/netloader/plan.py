@@ -61,3 +61,16 @@ class Plan:
                 pos = end
             slot += 1
         return out
+
+    def joined(self, indices: Sequence[int]) -> list[Piece]:
+        """The pieces of chunks ``indices``, in order, adjacent ones of a tensor joined into one
+        (consecutive chunks of a large tensor become one range)."""
+        out: list[Piece] = []
+        for index in indices:
+            for piece in self.pieces(index):
+                last = out[-1] if out else None
+                if last is not None and last.slot == piece.slot and last.stop == piece.start:
+                    out[-1] = Piece(piece.slot, last.start, piece.stop)
+                else:
+                    out.append(piece)
+        return out

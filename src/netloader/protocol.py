@@ -12,6 +12,9 @@ A conversation (the server speaks first):
     server: Accept | Refuse | InfoReply
     ... weights move on the data plane ...
     client: Done
+
+On a ``cuda_ipc`` data connection the server first sends an IpcOffer (CUDA IPC handles, plain
+JSON) and the client answers IpcReply before any chunk is asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import re
 import socket
 import struct
 import time
@@ -26,9 +30,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar, cast
 
+from netloader.digest import DIGEST_KINDS, XXH3
 from netloader.errors import ProtocolError, Refused
 from netloader.identity import Identity
-from netloader.manifest import Manifest
+from netloader.manifest import MAX_TENSORS, Manifest
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
 
 PROTOCOL_VERSION = 2  # 2: the client asks for each chunk (several sources at once)
@@ -245,6 +250,8 @@ class Accept(Message):
     #: Whether this server itself delivers chunks; False: take them from ``peers``, and keep
     #: this connection open until done (this server then counts the client as a relay).
     stay: bool = True
+    #: Which function made ``digests`` (``digest.DIGEST_KINDS``); absent means XXH3.
+    digest: str = XXH3
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -261,6 +268,7 @@ class Accept(Message):
             "mac": self.mac,
             "peers": self.peers,
             "stay": self.stay,
+            "digest": self.digest,
         }
 
     @classmethod
@@ -292,6 +300,9 @@ class Accept(Message):
         offer = _field(o, "offer", dict)
         if len(json.dumps(offer)) > MAX_TEXT:
             raise ProtocolError("field 'offer' is too large")
+        kind = XXH3 if o.get("digest") is None else _text(o, "digest", 32)
+        if kind not in DIGEST_KINDS:
+            raise ProtocolError(f"unknown digest kind {kind!r}; known: {', '.join(DIGEST_KINDS)}")
         return cls(
             session=_hex(o, "session", SESSION_BYTES),
             identity=Identity.from_json(o.get("identity")),
@@ -305,6 +316,7 @@ class Accept(Message):
             mac=_optional_hex(o, "mac", MAC_BYTES),
             peers=_addresses(o, "peers"),
             stay=_field(o, "stay", bool),
+            digest=kind,
         )
 
 
@@ -359,9 +371,153 @@ class Done(Message):
         return cls(_field(o, "ok", bool), _text(o, "reason"), _text(o, "code", 64))
 
 
+# --- CUDA IPC: on the cuda_ipc transport's data connection, once its session attached -------
+
+IPC_HANDLE_BYTES = 64  # a cudaIpcMemHandle_t or cudaIpcEventHandle_t
+#: torch's shareable-handle prefix: format version 2, memory from cudaMalloc (torch before 2.3
+#: sent the bare 64-byte handle). Expandable segments ('e') are not accepted.
+IPC_HANDLE_PREFIX = b"\x02c"
+IPC_REF_SLOTS = 10_000  # counters in one of torch's IPC reference-counter files
+MAX_STORAGE_BYTES = 1 << 48
+_SHM_NAME = re.compile(r"/[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+_GPU_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+def ipc_handle_ok(raw: bytes) -> bool:
+    """Whether ``raw`` is a CUDA IPC memory handle in a format the client opens."""
+    return len(raw) == IPC_HANDLE_BYTES or (
+        len(raw) == IPC_HANDLE_BYTES + len(IPC_HANDLE_PREFIX) and raw.startswith(IPC_HANDLE_PREFIX)
+    )
+
+
+@dataclass
+class IpcStorage:
+    """One CUDA storage a server shares, as torch's ``_share_cuda_`` describes it: the IPC
+    handle of the allocation that holds it (hex), the storage's size and offset in that
+    allocation, torch's reference counter for it (a shared-memory name and a slot) and the
+    event (hex) to wait on before reading."""
+
+    handle: str
+    size: int
+    offset: int
+    ref: str
+    ref_offset: int
+    event: str
+    sync: bool
+
+    @classmethod
+    def from_json(cls, o: Any) -> IpcStorage:
+        if not isinstance(o, dict) or set(o) != _STORAGE_FIELDS:
+            raise ProtocolError(
+                f"each IPC storage must be an object with {sorted(_STORAGE_FIELDS)}"
+            )
+        handle = _hex_text(o, "handle")
+        if not ipc_handle_ok(bytes.fromhex(handle)):
+            raise ProtocolError("field 'handle' is not a CUDA IPC memory handle this client opens")
+        ref = _text(o, "ref", 200)
+        if not _SHM_NAME.fullmatch(ref):
+            raise ProtocolError("field 'ref' is not a shared-memory name")
+        return cls(
+            handle=handle,
+            size=_int(o, "size", 1, MAX_STORAGE_BYTES),
+            offset=_int(o, "offset", 0, MAX_STORAGE_BYTES),
+            ref=ref,
+            ref_offset=_int(o, "ref_offset", 0, IPC_REF_SLOTS - 1),
+            event=_hex(o, "event", IPC_HANDLE_BYTES),
+            sync=_field(o, "sync", bool),
+        )
+
+
+_STORAGE_FIELDS = {"handle", "size", "offset", "ref", "ref_offset", "event", "sync"}
+
+
+def _hex_text(o: dict, key: str) -> str:
+    """Field ``key``: an even-length hex string of at most an IPC handle's size."""
+    value = _text(o, key, 2 * (IPC_HANDLE_BYTES + len(IPC_HANDLE_PREFIX)))
+    if len(value) % 2 or not all(c in "0123456789abcdefABCDEF" for c in value):
+        raise ProtocolError(f"field {key!r} must be hex")
+    return value
+
+
+@dataclass
+class IpcOffer(Message):
+    """Server -> client: the storages holding the served tensors and, per slot of the plan,
+    ``[storage, byte offset]`` where its bytes start (None: a slot without bytes); or, with a
+    ``reason``, why the server cannot share them (the connection then carries the chunks over
+    TCP). ``gpu`` is the UUID of the server's GPU."""
+
+    kind: ClassVar[str] = "ipc_offer"
+    limit: ClassVar[int] = MAX_FRAME
+    gpu: str
+    storages: list[IpcStorage]
+    slots: list[list[int] | None]
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "gpu": self.gpu,
+            "storages": [asdict(s) for s in self.storages],
+            "slots": self.slots,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, o: dict) -> IpcOffer:
+        reason = _text(o, "reason")
+        gpu = _text(o, "gpu", 64)
+        if not reason and not _GPU_ID.fullmatch(gpu):
+            raise ProtocolError("field 'gpu' must be a GPU UUID")
+        storages = _field(o, "storages", list)
+        slots = _field(o, "slots", list)
+        if max(len(storages), len(slots)) > MAX_TENSORS:
+            raise ProtocolError(f"an IPC offer lists more than {MAX_TENSORS} storages or slots")
+        return cls(
+            gpu, [IpcStorage.from_json(s) for s in storages], _slots(slots, storages), reason
+        )
+
+
+def _slots(slots: list, storages: list) -> list[list[int] | None]:
+    for slot in slots:
+        if slot is not None and not (
+            isinstance(slot, list)
+            and len(slot) == 2
+            and all(type(x) is int for x in slot)
+            and 0 <= slot[0] < len(storages)
+            and 0 <= slot[1] < MAX_STORAGE_BYTES
+        ):
+            raise ProtocolError("each IPC slot must be null or [storage index, byte offset]")
+    return slots
+
+
+@dataclass
+class IpcReply(Message):
+    """Client -> server: whether it mapped the offered storages; if not (``reason``), the
+    chunks travel over this connection as on the TCP transport."""
+
+    kind: ClassVar[str] = "ipc_reply"
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def from_json(cls, o: dict) -> IpcReply:
+        return cls(_field(o, "ok", bool), _text(o, "reason"))
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.kind: m
-    for m in (Hello, PullRequest, InfoRequest, StreamAttach, Accept, Refuse, InfoReply, Done)
+    for m in (
+        Hello,
+        PullRequest,
+        InfoRequest,
+        StreamAttach,
+        Accept,
+        Refuse,
+        InfoReply,
+        Done,
+        IpcOffer,
+        IpcReply,
+    )
 }
 
 

@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from netloader.digest import digest
+from netloader.digest import WSUM, XXH3, chunk_digest, fingerprints
 from netloader.errors import Withdrawn, shorten
 from netloader.manifest import Manifest
 from netloader.options import DEFAULT_CHUNK
 from netloader.plan import Plan
-from netloader.tensors import find_aliases, flat_bytes, host_view
+from netloader.tensors import find_aliases, flat_bytes
 
 
 class Snapshot:
@@ -28,6 +28,9 @@ class Snapshot:
     Non-contiguous tensors are copied once into contiguous memory; everything else is served from
     the caller's memory, so the caller must not change those tensors while they are served
     (``changed()`` detects it when digests are on). Tied tensors travel once.
+
+    Digests are XXH3 for tensors in host memory; if any tensor is on a device they are the
+    ``wsum64`` fingerprint, computed on the device (see ``digest``). ``digest_kind`` says which.
     """
 
     def __init__(
@@ -45,6 +48,8 @@ class Snapshot:
             for i, t in enumerate(views)
         ]
         self.plan = Plan([b.numel() for b in self.buffers], chunk_size)
+        on_device = any(b.device.type != "cpu" for b in self.buffers)
+        self.digest_kind = WSUM if on_device else XXH3
         self.digests: list[int] | None = self.compute_digests() if with_digests else None
         #: Which chunks may be sent; None when all of them may.
         self.ready: Availability | None = None
@@ -57,12 +62,14 @@ class Snapshot:
         buffers: list[torch.Tensor],
         plan: Plan,
         digests: list[int],
+        digest_kind: str = XXH3,
     ) -> Snapshot:
         """A relay's snapshot: ``buffers`` are being filled; ``ready.mark(i)`` once chunk ``i``
-        landed and matched ``digests[i]``."""
+        landed and matched ``digests[i]`` (of ``digest_kind``, as its own source sent them)."""
         snapshot = cls.__new__(cls)
         snapshot.manifest, snapshot.aliases = manifest, aliases
         snapshot.buffers, snapshot.plan, snapshot.digests = buffers, plan, digests
+        snapshot.digest_kind = digest_kind
         snapshot.ready = Availability(plan.num_chunks)
         return snapshot
 
@@ -83,17 +90,14 @@ class Snapshot:
         devices = {b.device for b in self.buffers if b.numel()}
         return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
-    def chunk_digest(self, index: int) -> int:
-        return digest(self._host_pieces(index))
-
-    def _host_pieces(self, index: int) -> list[memoryview]:
-        out = []
-        for slot, start, stop in self.plan.pieces(index):
-            piece = self.buffers[slot][start:stop]
-            out.append(host_view(piece if piece.device.type == "cpu" else piece.cpu()))
-        return out
+    def chunk_digest(self, index: int, views: list[memoryview] | None = None) -> int:
+        """Chunk ``index``'s digest of this snapshot's kind (``views``: its bytes in host
+        memory, when the caller has them at hand)."""
+        return chunk_digest(self.digest_kind, self.plan, self.buffers, index, views)
 
     def compute_digests(self) -> list[int]:
+        if self.digest_kind == WSUM:
+            return fingerprints(self.plan, self.buffers, range(self.plan.num_chunks))
         with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
             return list(pool.map(self.chunk_digest, range(self.plan.num_chunks)))
 

@@ -74,3 +74,21 @@ def peer_name(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+def is_local(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is an address of this machine, as seen from this
+    network namespace: binding a socket to it succeeds. Loopback counts; an unresolvable name
+    does not."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    for family, kind, _, _, address in infos:
+        try:
+            with socket.socket(family, kind) as s:
+                s.bind((address[0], 0, *address[2:]))
+            return True
+        except OSError:
+            continue
+    return False

@@ -107,7 +107,7 @@ def pull(
     land = partial(
         prepare, into=into, allocate=hooks.allocate, device=device, max_bytes=options.max_bytes
     )
-    job = Job(request, options, hooks, land)
+    job = Job(request, options, hooks, land, partial(_transports, options, device))
     with gc_paused():  # a blocking load: a full collection would only stall it
         result = Striped(job, endpoints, relay).run()
     log.info(
@@ -116,6 +116,11 @@ def pull(
         *(result.total_bytes / 1e9, result.seconds, result.gbps, result.transport, result.streams),
     )
     return result
+
+
+def _transports(options: PullOptions, device: torch.device, host: str) -> list[str]:
+    """What to offer a source at ``host``: the caller's choice, else the best for ``device``."""
+    return list(options.transports or preferred(device, host))
 
 
 def info(

@@ -94,6 +94,8 @@ class Job:
     options: PullOptions
     hooks: PullHooks
     prepare: Callable[[Accept], Destination]
+    #: The transports to offer a source, by its host (CUDA IPC only to one on this machine).
+    transports: Callable[[str], list[str]]
 
 
 MAX_REJOINS = 3  # times a client asks its first source again after the peers it named failed
@@ -160,7 +162,7 @@ class Striped:
                 self._failed_before(endpoint, exc)
                 continue
             try:
-                request = self.request(self.job.request.manifest, member=True)
+                request = self.request(endpoint, self.job.request.manifest, member=True)
                 return endpoint, control, control.ask_pull(request)
             except PullError as exc:
                 control.close()
@@ -169,8 +171,10 @@ class Striped:
         self._withdraw(error)
         raise error
 
-    def request(self, manifest: Manifest | None, *, member: bool) -> PullRequest:
-        """The request for one source. A ``member`` request (to the first source, or asking it
+    def request(
+        self, endpoint: Endpoint, manifest: Manifest | None, *, member: bool
+    ) -> PullRequest:
+        """The request for ``endpoint``. A ``member`` request (to the first source, or asking it
         again) names this client's relay and asks where to pull from; the others just pull."""
         base = self.job.request
         discover = member and self.relay is not None and self.job.options.discovery
@@ -178,7 +182,7 @@ class Striped:
             protocol=PROTOCOL_VERSION,
             identity=base.identity,
             manifest=manifest,
-            transports=base.transports,
+            transports=self.job.transports(endpoint.host),
             streams=base.streams,
             nonce="",
             advertise=self.relay.address if discover and self.relay else None,
@@ -266,7 +270,12 @@ class Striped:
             )
             return
         snapshot = Snapshot.receiving(
-            accept.manifest, accept.aliases, self.dest.buffers, self.dest.plan, accept.digests
+            accept.manifest,
+            accept.aliases,
+            self.dest.buffers,
+            self.dest.plan,
+            accept.digests,
+            accept.digest,
         )
         assert snapshot.ready is not None
         self.board.on_done.append(snapshot.ready.mark)
@@ -304,7 +313,7 @@ class Striped:
             source=self.first.text,
             total_bytes=plan.total_bytes,
             seconds=seconds,
-            transport=main.accept.transport,
+            transport=main.transport,
             streams=main.streams,
             sources=delivered,
             refetched=self.board.refetched,
@@ -334,6 +343,8 @@ class _SourceRun:
         self.error: PullError | None = None
         self.over = False
         self.streams = 0
+        #: The transport that moved this source's bytes (the accepted one, unless it fell back).
+        self.transport = ""
         self.thread = threading.Thread(target=self._run, name="netloader-source", daemon=True)
         self._lock = threading.Lock()
 
@@ -372,7 +383,8 @@ class _SourceRun:
         control = Control.open(self.endpoint, pull.job.options.timeouts, pull.job.options.token)
         with self._lock:
             self.control = control
-        accept = control.ask_pull(pull.request(pull.reference.manifest, member=self.member_request))
+        request = pull.request(self.endpoint, pull.reference.manifest, member=self.member_request)
+        accept = control.ask_pull(request)
         reason = _differs(accept, pull.reference)
         if reason:
             control.done(Refused(reason, code=Code.CONTENT))
@@ -394,6 +406,7 @@ class _SourceRun:
     def _incoming(self, accept: Accept) -> Incoming:
         pull = self.pull
         self.streams = accept.streams
+        self.transport = accept.transport
         return Incoming(
             host=self.endpoint.host,
             port=self.endpoint.port,
@@ -406,11 +419,14 @@ class _SourceRun:
             board=pull.board,
             source=self.endpoint.text,
             offer=accept.offer,
+            digest_kind=pull.reference.digest,
+            transport=accept.transport,
         )
 
     def _receive(self, control: Control, accept: Accept, inc: Incoming) -> None:
         try:
             TRANSPORTS[accept.transport]().receive(inc)
+            self.transport = inc.transport
         except Exception as exc:
             error = as_pull_error(exc, "transfer", partial=inc.wrote)
             if isinstance(error, PeerClosed | TransferTimeout):
@@ -465,6 +481,11 @@ def _differs(accept: Accept, reference: Accept) -> str | None:
         )
     if accept.digests is None or reference.digests is None:
         return "without digests its bytes cannot be checked against the first source's"
+    if accept.digest != reference.digest:
+        return (
+            f"its digests are {accept.digest}, the first source's {reference.digest}: "
+            "they cannot be compared"
+        )
     if accept.digests != reference.digests:
         return "its chunk digests differ from the first source's (other bytes under the same name)"
     return None

@@ -96,7 +96,7 @@ class Server:
     ):
         self.options = with_keywords(options or ServeOptions(), keywords)
         self.catalog = Catalog()
-        self.gate = Gate(self.options.token)
+        self.gate = Gate(self.options.token, self.options.cuda_ipc)
         self.closing = threading.Event()
         self.admission = Admission(self.options.limits, self.closing)
         rate = self.options.max_upload_rate
@@ -325,7 +325,8 @@ class Server:
         if isinstance(snapshot, Refusal):
             return snapshot
         refusal = served.check(request, snapshot)
-        transport = refusal or self.gate.transport_for(request, snapshot)
+        peer_host = conv.peer.rpartition(":")[0].strip("[]")
+        transport = refusal or self.gate.transport_for(request, snapshot, peer_host)
         if isinstance(transport, Refusal):
             return transport
         return served, snapshot, transport

@@ -12,6 +12,7 @@ from netloader.errors import Code
 from netloader.protocol import PROTOCOL_VERSION, Hello, InfoRequest, PullRequest
 from netloader.snapshot import Snapshot
 from netloader.transport import TRANSPORTS
+from netloader.transport.cuda_ipc import CudaIpcTransport
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class Refusal:
 class Gate:
     """The checks of one server that every model it serves shares."""
 
-    def __init__(self, token: bytes | None):
+    def __init__(self, token: bytes | None, cuda_ipc: bool = True):
         self.token = token
+        #: Whether clients on this host may map the served tensors (the ``cuda_ipc`` transport).
+        self.cuda_ipc = cuda_ipc
 
     def greeting(self) -> Hello:
         return Hello(PROTOCOL_VERSION, auth.new_nonce(), self.token is not None)
@@ -57,11 +60,17 @@ class Gate:
             )
         return self.authenticate(hello, request)
 
-    def transport_for(self, request: PullRequest, snapshot: Snapshot) -> str | Refusal:
-        """The first transport the client offers that can carry ``snapshot``'s tensors."""
+    def transport_for(
+        self, request: PullRequest, snapshot: Snapshot, peer_host: str
+    ) -> str | Refusal:
+        """The first transport the client (at ``peer_host``) offers that can carry
+        ``snapshot``'s tensors to it."""
         device = snapshot.device
         for name in request.transports:
-            if name in TRANSPORTS and TRANSPORTS[name].supports(device):
+            if name == CudaIpcTransport.name and not self.cuda_ipc:
+                continue
+            kind = TRANSPORTS.get(name)
+            if kind is not None and kind.supports(device) and kind.reaches(peer_host):
                 return name
         return Refusal(
             Code.TRANSPORT,

@@ -112,6 +112,7 @@ class Session:
             mac=self.server.gate.proof("pull", request.nonce, self.conv.hello.nonce, self.id),
             peers=list(placement.peers),
             stay=placement.stay,
+            digest=snapshot.digest_kind,
         )
 
     def _send(self) -> bool:

@@ -21,12 +21,11 @@ from typing import Any, ClassVar
 import torch
 
 from netloader.board import Board
-from netloader.digest import digest
+from netloader.digest import XXH3, chunk_digest
 from netloader.errors import IntegrityError, TensorsChanged
 from netloader.pacing import Pacer
 from netloader.plan import Plan
 from netloader.snapshot import Snapshot, describe_changed
-from netloader.tensors import host_view
 
 
 @dataclass
@@ -52,9 +51,15 @@ class Outgoing:
     sent: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def check(self, index: int, views: list[memoryview]) -> None:
+    def check(self, index: int, views: list[memoryview] | None = None) -> None:
+        """With ``verify``: refuse to send chunk ``index`` if it differs from capture
+        (``views``: its bytes in host memory, when the caller has them)."""
         expected = self.snapshot.digests
-        if self.verify and expected is not None and digest(views) != expected[index]:
+        if (
+            self.verify
+            and expected is not None
+            and self.snapshot.chunk_digest(index, views) != expected[index]
+        ):
             reason = describe_changed(self.snapshot.names_in(index))
             self.on_changed(reason)
             raise TensorsChanged(reason)
@@ -91,9 +96,23 @@ class Incoming:
     offer: dict[str, Any] = field(default_factory=dict)
     #: Set once the first byte from this source was written into a destination.
     wrote: bool = False
+    #: Which function made ``digests`` (the Accept's ``digest``).
+    digest_kind: str = XXH3
+    #: The transport that really moved the bytes (one may fall back to another, e.g. CUDA IPC
+    #: to TCP); set by the client from the Accept.
+    transport: str = ""
 
-    def verify(self, index: int, views: list[memoryview]) -> None:
-        if self.digests is not None and digest(views) != self.digests[index]:
+    def verify(self, index: int, views: list[memoryview] | None = None) -> None:
+        """Check chunk ``index``, now in place, against its digest, computed where it landed
+        (``views``: its bytes in host memory, when the caller has them)."""
+        if self.digests is not None:
+            self.expect(
+                index, chunk_digest(self.digest_kind, self.plan, self.buffers, index, views)
+            )
+
+    def expect(self, index: int, got: int) -> None:
+        """Raise IntegrityError unless ``got`` is chunk ``index``'s digest."""
+        if self.digests is not None and got != self.digests[index]:
             start, stop = self.plan.chunk_range(index)
             raise IntegrityError(
                 f"chunk {index} (bytes {start}..{stop}) does not match the server's digest",
@@ -110,6 +129,11 @@ class Transport(ABC):
     @abstractmethod
     def supports(cls, device: torch.device) -> bool:
         """Whether tensors on ``device`` can travel on this transport from this process."""
+
+    @classmethod
+    def reaches(cls, peer_host: str) -> bool:
+        """Whether a server may use this transport with a client at ``peer_host``."""
+        return True
 
     # --- server side ---
     def offer(self, out: Outgoing) -> dict[str, Any]:
@@ -135,51 +159,3 @@ class Transport(ABC):
         """Fetch the chunks ``inc.board`` hands this source into ``inc.buffers`` until the board
         has none left. Raises a PullError, or a builtin TimeoutError / OSError /
         ProtocolError that the client maps to one."""
-
-
-class Staging:
-    """Host views of a chunk's pieces, through a bounce buffer for tensors not in host memory.
-
-    Host tensors are read and written in place (a memoryview per tensor is made once, pieces
-    are slices of it); device pieces are copied through one reusable chunk-sized host buffer
-    (pinned when CUDA is present), so no full-size host copy exists.
-    """
-
-    def __init__(self, plan: Plan, buffers: list[torch.Tensor]):
-        self.plan = plan
-        self.buffers = buffers
-        self.host = [host_view(b) if b.device.type == "cpu" else None for b in buffers]
-        self.on_device = any(h is None for h in self.host)
-        self.bounce: torch.Tensor | None = None
-
-    def _bounce(self) -> torch.Tensor:
-        if self.bounce is None:
-            pin = torch.cuda.is_available()
-            self.bounce = torch.empty(self.plan.chunk_size, dtype=torch.uint8, pin_memory=pin)
-        return self.bounce
-
-    def views(self, index: int, *, load: bool) -> list[memoryview]:
-        """Views for chunk ``index``; ``load`` fills bounce space from the device first."""
-        out = []
-        offset = 0
-        for slot, start, stop in self.plan.pieces(index):
-            view = self.host[slot]
-            if view is not None:
-                out.append(view[start:stop])
-            else:
-                part = self._bounce()[offset : offset + stop - start]
-                if load:
-                    part.copy_(self.buffers[slot][start:stop])
-                out.append(host_view(part))
-            offset += stop - start
-        return out
-
-    def store(self, index: int) -> None:
-        """After a receive: copy bounce space of chunk ``index`` to its device pieces."""
-        if not self.on_device:
-            return
-        offset = 0
-        for slot, start, stop in self.plan.pieces(index):
-            if self.host[slot] is None:
-                self.buffers[slot][start:stop].copy_(self._bounce()[offset : offset + stop - start])
-            offset += stop - start

@@ -1,7 +1,8 @@
 """Weights over a torch.distributed process group created only for this pair of processes.
 
 For device tensors: NCCL moves CUDA memory GPU to GPU and HCCL moves Ascend NPU memory, with no
-host copy. Rendezvous is kept apart from data movement, as in torch.distributed itself: the
+host copy. Two processes on one GPU cannot use NCCL (it refuses two ranks on one device); on one
+host the ``cuda_ipc`` transport is the device path. Rendezvous is kept apart from data movement, as in torch.distributed itself: the
 server opens a private ``TCPStore`` on a free port and names it in its Accept; both sides then
 build a two-rank backend object (server rank 0, client rank 1) on that store. The process's
 global default group is never touched, so this works inside a vLLM worker that has its own.
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from netloader.errors import ProtocolError
-from netloader.transport.base import Incoming, Outgoing, Staging, Transport
+from netloader.transport.base import Incoming, Outgoing, Transport
 
 SERVER_RANK, CLIENT_RANK = 0, 1
 END, PING = -1, -3  # requests, as in the TCP transport
@@ -59,7 +60,6 @@ class ProcessGroupTransport(Transport):
         """Answer the client's chunk requests (an int64 index each, as in the TCP transport)."""
         assert self.store is not None, "offer() must run before send()"
         plan = out.snapshot.plan
-        staging = Staging(plan, out.snapshot.buffers)
         store = dist.PrefixStore(out.session, self.store)
         group = _timed(lambda: self._group(store, SERVER_RANK, out.host, out.idle), out.idle)
         request = torch.empty(1, dtype=torch.int64, device=out.snapshot.device)
@@ -74,8 +74,7 @@ class ProcessGroupTransport(Transport):
                 if not 0 <= index < plan.num_chunks:
                     raise ProtocolError(f"client asked for chunk {index} of {plan.num_chunks}")
                 out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
-                if out.verify and out.snapshot.digests is not None:
-                    out.check(index, staging.views(index, load=True))
+                out.check(index)
                 pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]
                 chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
                 out.pace(index)
@@ -92,7 +91,6 @@ class ProcessGroupTransport(Transport):
 
     def receive(self, inc: Incoming) -> None:
         group = self._join(inc)
-        staging = Staging(inc.plan, inc.buffers)
         device = next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
         request = torch.empty(1, dtype=torch.int64, device=device)
         try:
@@ -110,8 +108,7 @@ class ProcessGroupTransport(Transport):
                 request.fill_(index)
                 _move(group.send, request, SERVER_RANK, inc.idle)
                 self._receive_chunk(group, inc, index)
-                if inc.digests is not None:
-                    inc.verify(index, staging.views(index, load=True))
+                inc.verify(index)
                 inc.board.done(index)
         finally:
             del group

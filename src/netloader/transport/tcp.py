@@ -5,7 +5,9 @@ session. The client decides which chunk comes next: it asks on each stream for a
 index (an 8-byte request), keeping a few requests outstanding so the link never idles, and the
 server answers each with an 8-byte header (the index) followed by the chunk's bytes, read
 straight from the tensors. The client reads the header, then the bytes straight into the
-destination tensors' own memory. Python never touches a weight byte.
+destination tensors' own memory. Python never touches a weight byte. Chunks with pieces in
+device memory go through two pinned host slices per stream, the copies overlapping the socket
+(see ``staging``).
 
 Requests: a chunk index, ``END`` (no more on this stream) or ``PING`` (still here, nothing to
 ask yet: the client waits for chunks other sources have in flight). Answers: the chunk, or
@@ -24,11 +26,13 @@ from collections.abc import Callable
 
 import torch
 
+from netloader.digest import XXH3, streaming
 from netloader.errors import Code, ProtocolError, PullError, Refused, TensorsChanged, Withdrawn
 from netloader.options import MAX_STREAMS
 from netloader.protocol import Channel, Hello, Refuse, StreamAttach, encode
 from netloader.sockets import close, connect, kernel_timeouts, shutdown
-from netloader.transport.base import Incoming, Outgoing, Staging, Transport
+from netloader.transport.base import Incoming, Outgoing, Transport
+from netloader.transport.staging import DeviceStaging, Staging
 
 CHUNK_HEADER = struct.Struct("!q")
 END = -1  # request: this stream asks for no more chunks
@@ -52,7 +56,7 @@ class TcpTransport(Transport):
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
-        return True  # device tensors are staged through a chunk-sized host buffer
+        return True  # device tensors are staged through pinned host slices
 
     # --- server ---------------------------------------------------------------------------
 
@@ -77,7 +81,7 @@ class TcpTransport(Transport):
     def send(self, out: Outgoing) -> None:
         try:
             Streams(out.streams, out.idle, out.cancelled).run(
-                lambda index: self._wait_attached(out), lambda s, mark: _serve_stream(s, out, mark)
+                lambda index: self._wait_attached(out), lambda s, mark: serve_stream(s, out, mark)
             )
         finally:
             self.close()
@@ -98,15 +102,18 @@ class TcpTransport(Transport):
 
     def receive(self, inc: Incoming) -> None:
         Streams(inc.streams, inc.idle, threading.Event()).run(
-            lambda index: _attach(inc, index), lambda s, mark: _fetch_stream(s, inc, mark)
+            lambda index: open_stream(inc, index), lambda s, mark: fetch_stream(s, inc, mark)
         )
 
 
 # --- one stream ---------------------------------------------------------------------------
 
 
-def _serve_stream(sock: socket.socket, out: Outgoing, mark: Callable[[], None]) -> None:
-    """Answer this stream's requests until the client says END."""
+def serve_stream(
+    sock: socket.socket, out: Outgoing, mark: Callable[[], None], payload: bool = True
+) -> None:
+    """Answer this stream's requests until the client says END: each with the chunk's bytes,
+    or (``payload=False``, for CUDA IPC) with its index alone, once the client may copy it."""
     staging = Staging(out.snapshot.plan, out.snapshot.buffers)
     kernel_timeouts(sock, out.idle)
     request = bytearray(CHUNK_HEADER.size)
@@ -120,56 +127,123 @@ def _serve_stream(sock: socket.socket, out: Outgoing, mark: Callable[[], None]) 
             continue
         if not 0 <= index < out.snapshot.plan.num_chunks:
             raise ProtocolError(f"client asked for chunk {index} of {out.snapshot.plan.num_chunks}")
-        try:
-            out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
-            views = staging.views(index, load=True)
-            out.check(index, views)
-        except (TensorsChanged, Withdrawn) as exc:
-            code = Code.CHANGED if isinstance(exc, TensorsChanged) else Code.UNAVAILABLE
-            sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(code, str(exc))))
-            raise
-        out.pace(index)
-        send_buffers(sock, [memoryview(CHUNK_HEADER.pack(index)), *views])
+        views = _ready(sock, out, staging, index, payload)
+        header = memoryview(CHUNK_HEADER.pack(index))
+        if not payload:
+            sock.sendall(header)
+        elif views is None:
+            out.pace(index)
+            _sendmsg_all(sock, [header], socket.MSG_MORE)
+            staging.device.send(index, lambda view: send_buffers(sock, [view]))
+        else:
+            out.pace(index)
+            send_buffers(sock, [header, *views])
         out.count(index)
         mark()
 
 
-def _fetch_stream(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None:
-    """Ask for chunks from the board, up to WINDOW at a time, until it has none left."""
+def _ready(
+    sock: socket.socket, out: Outgoing, staging: Staging, index: int, payload: bool
+) -> list[memoryview] | None:
+    """Wait until chunk ``index`` may go out and check it (``out.verify``): its host views, or
+    None when it goes through device staging or carries no payload. A refusal is told to the
+    client on this stream before it is raised."""
+    try:
+        out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
+        views = staging.views(index) if payload and not staging.on_device(index) else None
+        out.check(index, views)
+        return views
+    except (TensorsChanged, Withdrawn) as exc:
+        code = Code.CHANGED if isinstance(exc, TensorsChanged) else Code.UNAVAILABLE
+        sock.sendall(CHUNK_HEADER.pack(ERROR) + encode(Refuse(code, str(exc))))
+        raise
+
+
+def fetch_stream(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None:
+    """Ask for chunks from the board, up to WINDOW at a time, until it has none left; each
+    lands straight in its tensors (device pieces through pinned slices) and is verified."""
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
+
+    def land(asked: collections.deque[int]) -> list[int]:
+        header = bytearray(CHUNK_HEADER.size)
+        recv_buffers(sock, [memoryview(header)])
+        index = take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])
+        inc.wrote = True
+        if staging.on_device(index):
+            _receive_staged(sock, inc, staging.device, index)
+        else:
+            views = staging.views(index)
+            recv_buffers(sock, views)
+            inc.verify(index, views)
+        return [index]
+
+    request_chunks(sock, inc, mark, WINDOW, land)
+    sock.sendall(CHUNK_HEADER.pack(END))
+
+
+def _receive_staged(sock: socket.socket, inc: Incoming, device: DeviceStaging, index: int) -> None:
+    """Chunk ``index`` through pinned slices. XXH3 digests are taken from the slices as they
+    pass; ``wsum64`` ones on the device, once the chunk is there."""
+    hasher = streaming() if inc.digests is not None and inc.digest_kind == XXH3 else None
+
+    def take(view: memoryview) -> None:
+        recv_buffers(sock, [view])
+        if hasher is not None:
+            hasher.update(view)
+
+    device.receive(index, take)
+    if hasher is not None:
+        inc.expect(index, hasher.intdigest())
+    else:
+        inc.verify(index)
+
+
+def request_chunks(
+    sock: socket.socket,
+    inc: Incoming,
+    mark: Callable[[], None],
+    window: int,
+    land: Callable[[collections.deque[int]], list[int]],
+) -> None:
+    """Keep up to ``window`` chunk requests outstanding on ``sock`` until the board has no
+    chunk left for this source. ``land(asked)`` takes the next answers (popping them from
+    ``asked``) and returns the chunks now in place and verified. The caller ends the stream."""
     asked: collections.deque[int] = collections.deque()
-    header = bytearray(CHUNK_HEADER.size)
     while True:
-        while len(asked) < WINDOW and (index := inc.board.take(inc.source)) is not None:
-            sock.sendall(CHUNK_HEADER.pack(index))
-            asked.append(index)
+        fresh: list[int] = []
+        while (
+            len(asked) + len(fresh) < window and (index := inc.board.take(inc.source)) is not None
+        ):
+            fresh.append(index)
+        if fresh:
+            sock.sendall(b"".join(CHUNK_HEADER.pack(i) for i in fresh))
+            asked.extend(fresh)
         if not asked:
             if inc.board.finished:
-                sock.sendall(CHUNK_HEADER.pack(END))
                 return
             inc.board.wait_for_work(inc.idle / 3)  # chunks in flight elsewhere may come back
             sock.sendall(CHUNK_HEADER.pack(PING))
             mark()  # waiting for work is not a stall
             continue
-        recv_buffers(sock, [memoryview(header)])
-        (index,) = CHUNK_HEADER.unpack(header)
-        if index == ERROR:
-            refusal = Channel(sock, inc.idle).recv(Refuse)
-            raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
-        if index != asked[0]:
-            raise ProtocolError(f"server sent chunk {index}, not the requested {asked[0]}")
-        views = staging.views(index, load=False)
-        inc.wrote = True
-        recv_buffers(sock, views)
-        inc.verify(index, views)
-        staging.store(index)
-        asked.popleft()
-        inc.board.done(index)
+        for index in land(asked):
+            inc.board.done(index)
         mark()
 
 
-def _attach(inc: Incoming, index: int) -> socket.socket:
+def take_answer(sock: socket.socket, inc: Incoming, asked: collections.deque[int], got: int) -> int:
+    """The server answered ``got``: the first chunk asked, popped; a refusal (the Refuse frame
+    that follows ERROR) or another chunk is raised."""
+    if got == ERROR:
+        refusal = Channel(sock, inc.idle).recv(Refuse)
+        raise Refused(refusal.reason, code=refusal.code, partial=inc.wrote)
+    if got != asked[0]:
+        raise ProtocolError(f"server sent chunk {got}, not the requested {asked[0]}")
+    return asked.popleft()
+
+
+def open_stream(inc: Incoming, index: int) -> socket.socket:
+    """Data connection ``index`` of ``inc``'s session, attached."""
     sock = connect(inc.host, inc.port, inc.idle)
     try:
         channel = Channel(sock, inc.idle)

@@ -1,0 +1,353 @@
+"""Same host, CUDA tensors: the client copies the served tensors device to device (CUDA IPC).
+
+When to use it. The client proposes ``cuda_ipc`` first (``transport.preferred``) when its
+destination is on a CUDA device and the source's address is one of this machine's own (binding
+to it succeeds: same network namespace, so the same kernel and driver). That is decided before
+the request, from facts the client has, and sends no host identifier anywhere. The server takes
+it only if its tensors are on one CUDA device and the client's connection comes from one of its
+own addresses; otherwise the next transport the client named (TCP) is used. Containers on one
+host in separate network namespaces therefore use TCP: conservative, never wrong.
+
+The data connection. After the authenticated handshake the client attaches one data
+connection, as on the TCP transport (the session id from the Accept is its ticket). On it:
+
+1. server -> ``IpcOffer``: for each storage holding served bytes, torch's CUDA IPC handle
+   (``UntypedStorage._share_cuda_``) as hex strings and bounded integers, and per slot where
+   its bytes start. Never pickle: ``protocol.IpcOffer`` checks every field and the client checks
+   the slots against its own plan before it opens anything.
+2. client -> ``IpcReply``: ok once it opened every handle (torch's ``rebuild_cuda_tensor``) on
+   the server's GPU, found by UUID: its destination's GPU, or one it has peer access to. If
+   not, ok=false with the reason, and the same connection then carries the chunks as one TCP
+   stream (device staging included): falling back costs no second handshake.
+3. The client asks for chunks by index as on TCP, up to ``WINDOW`` outstanding; the server
+   answers each with the index alone once the chunk may be read (a relay may still be
+   receiving it; ``verify_before_send`` re-checks it first), or with a refusal. The client
+   copies the answered chunks out of the mapped storages on its own stream (adjacent pieces as
+   one copy), verifies them on its device, and marks them done.
+4. When the board is finished the client synchronises, drops its mappings and ends the stream.
+   The server holds its extra references to the shared storages until the session ends.
+
+What it grants. A client that maps the handles can read and write the whole CUDA allocations
+holding the served tensors: CUDA IPC has no read-only mapping, and torch's caching allocator may
+place other tensors of the server in the same allocation. Only a client that passed the
+handshake (with the server's token, when it has one) learns the session, and only a process on
+the server's host can open a handle. ``ServeOptions.cuda_ipc=False`` turns it off.
+
+Not covered: memory from torch's expandable segments (the server then says why and the client
+falls back to TCP), and more than one device per server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from netloader.digest import WSUM, fingerprints
+from netloader.errors import ProtocolError
+from netloader.plan import Plan
+from netloader.protocol import (
+    MAX_TEXT,
+    Channel,
+    IpcOffer,
+    IpcReply,
+    IpcStorage,
+    encode,
+    ipc_handle_ok,
+)
+from netloader.snapshot import Snapshot
+from netloader.sockets import is_local, kernel_timeouts
+from netloader.transport.base import Incoming, Outgoing
+from netloader.transport.staging import on_stream
+from netloader.transport.tcp import (
+    CHUNK_HEADER,
+    END,
+    ERROR,
+    Streams,
+    TcpTransport,
+    fetch_stream,
+    open_stream,
+    recv_buffers,
+    request_chunks,
+    serve_stream,
+    take_answer,
+)
+
+log = logging.getLogger("netloader.transport")
+
+#: Chunk requests a client keeps outstanding (1 GiB of 4 MiB chunks): an answer carries no
+#: bytes, and the more answers have arrived, the more chunks one round of copies and one
+#: synchronisation cover. (A source holds the chunks it asked for until it fails.)
+WINDOW = 256
+
+
+class CudaIpcTransport(TcpTransport):
+    name = "cuda_ipc"
+    max_streams = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Storages the client may map, held until the session ends.
+        self._shared: list[torch.UntypedStorage] = []
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_available()
+
+    @classmethod
+    def reaches(cls, peer_host: str) -> bool:
+        return is_local(peer_host)
+
+    # --- server ---------------------------------------------------------------------------
+
+    def send(self, out: Outgoing) -> None:
+        try:
+            Streams(1, out.idle, out.cancelled).run(
+                lambda index: self._wait_attached(out), lambda s, mark: self._serve(s, out, mark)
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        super().close()
+        self._shared = []
+
+    def _serve(self, sock: socket.socket, out: Outgoing, mark: Callable[[], None]) -> None:
+        offer, self._shared = share(out.snapshot)
+        try:
+            encode(offer)
+        except ProtocolError as exc:  # more storages than a frame holds
+            offer, self._shared = _cannot(str(exc)), []
+        channel = Channel(sock, out.idle)
+        channel.send(offer)
+        reply = channel.recv(IpcReply)
+        mark()
+        if not reply.ok:
+            log.warning(
+                "CUDA IPC not possible for this client (%s): sending over TCP", reply.reason
+            )
+        serve_stream(sock, out, mark, payload=not reply.ok)
+
+    # --- client ---------------------------------------------------------------------------
+
+    def receive(self, inc: Incoming) -> None:
+        Streams(1, inc.idle, threading.Event()).run(
+            lambda index: open_stream(inc, index), lambda s, mark: _fetch(s, inc, mark)
+        )
+
+
+def _fetch(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None:
+    """Map the server's storages and copy the chunks the board hands this source; or, if they
+    cannot be mapped here, receive them over this connection as on TCP."""
+    channel = Channel(sock, inc.idle)
+    offer = channel.recv(IpcOffer)
+    check_offer(offer, inc.plan)
+    sources = map_offer(offer, inc)
+    if isinstance(sources, str):
+        log.warning("%s: CUDA IPC not possible (%s); receiving over TCP", inc.source, sources)
+        channel.send(IpcReply(False, sources[:MAX_TEXT]))
+        inc.transport = TcpTransport.name
+        fetch_stream(sock, inc, mark)
+        return
+    channel.send(IpcReply(True))
+    mark()
+    copier = Copier(inc, sources)
+    del sources
+    kernel_timeouts(sock, inc.idle)
+    try:
+        request_chunks(
+            sock, inc, mark, WINDOW, lambda asked: copier.copy(answers(sock, inc, asked))
+        )
+    finally:
+        copier.release()
+    sock.sendall(CHUNK_HEADER.pack(END))
+
+
+def answers(sock: socket.socket, inc: Incoming, asked: deque[int]) -> list[int]:
+    """The chunks the server has said are ready: one (waiting for it), then every further
+    whole answer already here, up to a refusal (left for the next call to raise)."""
+    header = bytearray(CHUNK_HEADER.size)
+    recv_buffers(sock, [memoryview(header)])
+    ready = [take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])]
+    try:
+        peeked = sock.recv(len(asked) * CHUNK_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        peeked = b""
+    size = CHUNK_HEADER.size
+    got = [CHUNK_HEADER.unpack_from(peeked, at)[0] for at in range(0, len(peeked) - size + 1, size)]
+    count = next((k for k, index in enumerate(got) if index == ERROR), len(got))
+    if count:
+        recv_buffers(sock, [memoryview(bytearray(count * size))])  # already here: consume them
+        ready += [take_answer(sock, inc, asked, index) for index in got[:count]]
+    return ready
+
+
+# --- the server's offer -------------------------------------------------------------------
+
+
+def share(snapshot: Snapshot) -> tuple[IpcOffer, list[torch.UntypedStorage]]:
+    """The offer of ``snapshot``'s storages and the storages to hold while a client may map
+    them; or an offer that only says why they cannot be shared."""
+    device = snapshot.device
+    if device.type != "cuda":
+        return _cannot("the served tensors are not all on one CUDA device"), []
+    storages: list[IpcStorage] = []
+    slots: list[list[int] | None] = []
+    keep: list[torch.UntypedStorage] = []
+    seen: dict[int, int] = {}
+    try:
+        for buf in snapshot.buffers:
+            if buf.numel() == 0:
+                slots.append(None)
+                continue
+            storage = buf.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen[storage.data_ptr()] = len(storages)
+                storages.append(_describe(storage._share_cuda_()))
+                keep.append(storage)
+            slots.append([seen[storage.data_ptr()], buf.data_ptr() - storage.data_ptr()])
+        gpu = gpu_id(device.index or 0)
+    except (RuntimeError, ValueError, AttributeError) as exc:
+        return _cannot(f"cannot share the served tensors: {exc}"), []
+    return IpcOffer(gpu, storages, slots), keep
+
+
+def _describe(shared: tuple) -> IpcStorage:
+    """torch's ``_share_cuda_()`` tuple as plain JSON-safe fields."""
+    _device, handle, size, offset, ref, ref_offset, event, sync = shared
+    if not ipc_handle_ok(handle):
+        raise ValueError(f"torch made a CUDA IPC handle of an unknown kind ({handle[:2]!r}...)")
+    return IpcStorage(handle.hex(), size, offset, ref.decode(), ref_offset, event.hex(), bool(sync))
+
+
+def _cannot(reason: str) -> IpcOffer:
+    return IpcOffer("", [], [], reason[:MAX_TEXT])
+
+
+def gpu_id(index: int) -> str:
+    """The UUID of CUDA device ``index``: the same GPU has the same one in every process,
+    whatever CUDA_VISIBLE_DEVICES numbers it."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+# --- the client's side of the offer -------------------------------------------------------
+
+
+def check_offer(offer: IpcOffer, plan: Plan) -> None:
+    """Raise ProtocolError unless ``offer`` places every slot of ``plan`` inside a storage."""
+    if offer.reason:
+        return
+    if len(offer.slots) != len(plan.sizes):
+        raise ProtocolError(f"the IPC offer has {len(offer.slots)} slots for {len(plan.sizes)}")
+    for number, (slot, size) in enumerate(zip(offer.slots, plan.sizes, strict=True)):
+        if size and slot is None:
+            raise ProtocolError(f"the IPC offer leaves out slot {number} ({size} bytes)")
+        if slot is not None and slot[1] + size > offer.storages[slot[0]].size:
+            raise ProtocolError(f"the IPC offer places slot {number} beyond its storage")
+
+
+def map_offer(offer: IpcOffer, inc: Incoming) -> list[torch.Tensor | None] | str:
+    """Each slot's bytes in the server's memory, mapped here; or why that is not possible."""
+    if offer.reason:
+        return f"the server cannot share its tensors: {offer.reason}"
+    local = usable_gpu(offer.gpu, _device(inc))
+    if isinstance(local, str):
+        return local
+    try:
+        opened = [_open(storage, local) for storage in offer.storages]
+    except RuntimeError as exc:
+        return f"cannot open the server's CUDA IPC handles: {exc}"
+    return [
+        None if slot is None else opened[slot[0]][slot[1] : slot[1] + size]
+        for slot, size in zip(offer.slots, inc.plan.sizes, strict=True)
+    ]
+
+
+def usable_gpu(gpu: str, device: torch.device) -> int | str:
+    """The index here of the server's GPU ``gpu`` if a copy from it into ``device`` can stay on
+    devices (the same GPU, or one with peer access); else why not."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "this client's destination is not on a CUDA device"
+    try:
+        local = next((i for i in range(torch.cuda.device_count()) if gpu_id(i) == gpu), None)
+    except (RuntimeError, AttributeError) as exc:
+        return f"cannot identify this machine's GPUs: {exc}"
+    if local is None:
+        return f"the server's GPU {gpu} is not visible to this process"
+    mine = device.index or 0
+    if local != mine and not torch.cuda.can_device_access_peer(mine, local):
+        return f"GPU {mine} has no peer access to the server's GPU {local}"
+    return local
+
+
+def _open(storage: IpcStorage, device: int) -> torch.Tensor:
+    """The server's storage as a flat uint8 tensor, mapped on GPU ``device`` the way
+    ``torch.multiprocessing`` maps a CUDA tensor it received."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(
+        torch.Tensor,
+        (storage.size,),
+        (1,),
+        0,
+        torch.storage.TypedStorage,
+        torch.uint8,
+        device,
+        bytes.fromhex(storage.handle),
+        storage.size,
+        storage.offset,
+        False,
+        storage.ref.encode(),
+        storage.ref_offset,
+        bytes.fromhex(storage.event),
+        storage.sync,
+    )
+
+
+def _device(inc: Incoming) -> torch.device:
+    return next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
+
+
+class Copier:
+    """Copies answered chunks out of the mapped storages into the destination on one stream,
+    and checks them on the destination device."""
+
+    def __init__(self, inc: Incoming, sources: list[torch.Tensor | None]):
+        self.inc = inc
+        self.sources = sources
+        device = _device(inc)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if self.stream is not None:  # after the caller's work and the producer's event
+            for other in {device} | {s.device for s in sources if s is not None}:
+                self.stream.wait_stream(torch.cuda.current_stream(other))
+
+    def copy(self, indices: list[int]) -> list[int]:
+        """Copy chunks ``indices`` and verify them; returns them, in place."""
+        inc = self.inc
+        wsum = inc.digests is not None and inc.digest_kind == WSUM
+        with on_stream(self.stream):
+            for slot, start, stop in inc.plan.joined(indices):
+                source = self.sources[slot]
+                assert source is not None
+                inc.buffers[slot][start:stop].copy_(source[start:stop], non_blocking=True)
+            got = fingerprints(inc.plan, inc.buffers, indices) if wsum else None
+        self._synchronize()
+        for k, index in enumerate(indices):
+            if got is not None:
+                inc.expect(index, got[k])
+            else:
+                inc.verify(index)
+        return indices
+
+    def release(self) -> None:
+        """Wait for the copies, then drop the mappings (torch closes the handles)."""
+        self._synchronize()
+        self.sources = []
+
+    def _synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
