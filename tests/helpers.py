@@ -201,6 +201,20 @@ def netloader_threads(exclude: Any = ()) -> list[threading.Thread]:
     ]
 
 
+def flip_in_data(position: int, mask: int = 0x01) -> Any:
+    """A per-connection Proxy tamper function: flip the bits ``mask`` of the byte ``position``
+    bytes into the first data connection's answers (connection 1)."""
+
+    def tamper(conn: int, offset: int, data: bytes) -> bytes:
+        if conn == 1 and offset <= position < offset + len(data):
+            data = bytearray(data)
+            data[position - offset] ^= mask
+            return bytes(data)
+        return data
+
+    return tamper
+
+
 def kill_after(nbytes: int, kill: Any) -> Any:
     """A Proxy tamper function: once ``nbytes`` went through, call ``kill()`` and cut."""
 

@@ -8,7 +8,15 @@ tests/test_device_cpu.py covers what runs without a GPU.
 
 import pytest
 import torch
-from helpers import Proxy, ServerProcess, all_cases, assert_same, to_device, zeros_like_all
+from helpers import (
+    Proxy,
+    ServerProcess,
+    all_cases,
+    assert_same,
+    flip_in_data,
+    to_device,
+    zeros_like_all,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,24 +141,11 @@ def test_on_device_digests_catch_a_flipped_byte_anywhere(data):
     assert [i for i in range(plan.num_chunks) if before[i] != after[i]] == [hit]
 
 
-def flip_in_data(position: int):
-    """Flip one bit at ``position`` of the first data stream (connection 1)."""
-
-    def tamper(conn, offset, data):
-        if conn == 1 and offset <= position < offset + len(data):
-            data = bytearray(data)
-            data[position - offset] ^= 0x04
-            return bytes(data)
-        return data
-
-    return tamper
-
-
 @pytest.mark.parametrize("source", ["device_server", "host_server"])
 def test_a_flipped_byte_into_device_tensors_is_caught(source, request):
     server = request.getfixturevalue(source)
     position = HELLO + 3 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 4321
-    proxy = Proxy(server.address, flip_in_data(position), per_connection=True)
+    proxy = Proxy(server.address, flip_in_data(position, mask=0x04), per_connection=True)
     try:
         with pytest.raises(IntegrityError, match=r"chunk 3 \(bytes"):
             pull(proxy.address, IDENT, device="cuda", transports=["tcp"], streams=1)

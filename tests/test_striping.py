@@ -17,6 +17,7 @@ from helpers import (
     all_cases,
     assert_same,
     big_cases,
+    flip_in_data,
     kill_after,
     zeros_like_all,
 )
@@ -139,19 +140,6 @@ def stop_after(nbytes: int, server: ServerProcess):
         if offset > nbytes and not stopped:
             stopped.append(True)
             os.kill(server.process.pid, signal.SIGSTOP)
-        return data
-
-    return tamper
-
-
-def flip_in_data(position: int):
-    """Flip one bit ``position`` bytes into the first data connection's answers."""
-
-    def tamper(conn, offset, data):
-        if conn == 1 and offset <= position < offset + len(data):
-            data = bytearray(data)
-            data[position - offset] ^= 0x01
-            return bytes(data)
         return data
 
     return tamper
