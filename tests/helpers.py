@@ -201,12 +201,12 @@ def netloader_threads(exclude: Any = ()) -> list[threading.Thread]:
     ]
 
 
-def flip_in_data(position: int, mask: int = 0x01) -> Any:
+def flip_in_data(position: int, mask: int = 0x01, conn_index: int = 1) -> Any:
     """A per-connection Proxy tamper function: flip the bits ``mask`` of the byte ``position``
-    bytes into the first data connection's answers (connection 1)."""
+    bytes into connection ``conn_index``'s answers (1: the first data connection)."""
 
     def tamper(conn: int, offset: int, data: bytes) -> bytes:
-        if conn == 1 and offset <= position < offset + len(data):
+        if conn == conn_index and offset <= position < offset + len(data):
             data = bytearray(data)
             data[position - offset] ^= mask
             return bytes(data)

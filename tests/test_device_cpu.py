@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from helpers import Proxy, all_cases, assert_same, in_process_server, zeros_like_all
+from helpers import Proxy, all_cases, assert_same, flip_in_data, in_process_server, zeros_like_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -275,17 +275,6 @@ def test_tcp_with_device_staging_is_bit_exact(staged, kind):
     assert result.transport == "tcp"
 
 
-def flip_in_chunk_data(conn_index: int, position: int):
-    def tamper(conn, offset, data):
-        if conn == conn_index and offset <= position < offset + len(data):
-            data = bytearray(data)
-            data[position - offset] ^= 0x10
-            return bytes(data)
-        return data
-
-    return tamper
-
-
 @pytest.mark.parametrize("kind", [XXH3, WSUM])
 def test_device_staging_catches_a_flipped_byte(staged, kind):
     """XXH3 from the slices as they pass, wsum64 where the chunk landed: both catch it."""
@@ -294,7 +283,7 @@ def test_device_staging_catches_a_flipped_byte(staged, kind):
     with in_process_server(snapshot) as server:
         # The data stream: the greeting, then chunk 0 (8-byte header, 64 KiB), chunk 1, ...
         position = HELLO + 2 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 777
-        proxy = Proxy(server.address, flip_in_chunk_data(1, position), per_connection=True)
+        proxy = Proxy(server.address, flip_in_data(position, mask=0x10), per_connection=True)
         try:
             with pytest.raises(IntegrityError, match=r"chunk 2 \(bytes"):
                 pull(proxy.address, IDENT, transports=["tcp"], streams=1)
