@@ -118,7 +118,7 @@ def test_a_relay_relays_each_model_and_is_discovered_per_model():
             for identity in (TARGET, DRAFT):
                 pull([seed.address], identity, relay=relay)
         for name in ("target-model", "draft-model"):
-            members = seed.model(name).peers.members()
+            members = seed.model(name).peers.wait_for(all_hold(2), timeout=10)
             assert [m.address for m in members] == [first.address, second.address], name
             assert all(m.holds for m in members)
         # The second relay took both models from the first, not from the seed.
@@ -130,6 +130,11 @@ def test_a_relay_relays_each_model_and_is_discovered_per_model():
     finally:
         for server in (first, second, seed):
             server.close()
+
+
+def all_hold(count: int):
+    """Members settled: ``count`` of them, each holding the model."""
+    return lambda members: len(members) == count and all(m.holds for m in members)
 
 
 def relay_for_both() -> Server:

@@ -63,8 +63,9 @@ def test_relays_started_together_form_a_chain_and_each_is_bit_exact():
         assert feeders.count(seed.address) == 1, feeders
         assert set(feeders) - {seed.address} <= {r.address for r in relays}
         # The seed keeps all three as members holding the model, in the order they joined.
-        assert {m.address for m in seed.peers.members()} == {r.address for r in relays}
-        assert all(m.holds for m in seed.peers.members())
+        members = seed.peers.wait_for(lambda ms: all(m.holds for m in ms), timeout=10)
+        assert {m.address for m in members} == {r.address for r in relays}
+        assert all(m.holds for m in members)
         # A finished relay serves the whole model itself.
         assert_same(big_cases(), pull(relays[-1].address, IDENT).tensors)
     finally:
@@ -79,19 +80,10 @@ def test_a_closed_relay_is_forgotten_by_its_source():
         pull([seed.address], IDENT, relay=relay)
         assert [m.address for m in seed.peers.members()] == [relay.address]
         relay.close()
-        _until(lambda: not seed.peers.members())
+        assert not seed.peers.wait_for(lambda members: not members, timeout=10)
     finally:
         relay.close()
         seed.close()
-
-
-def _until(condition, limit: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_without_discovery_every_client_pulls_from_the_listed_source():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: Relays one node feeds at most while another node has room: 2 keeps every uplink at about
@@ -48,6 +49,7 @@ class Peers:
         self._members: dict[str, Member] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified on every change
 
     def join(self, address: str, avoid: list[str]) -> Placement:
         """Register the relay at ``address`` (again, if it comes back) and place it."""
@@ -58,6 +60,7 @@ class Peers:
                     return Placement(stay=True)
                 member = self._members[address] = Member(address, next(self._seq))
             member.connections += 1
+            self._changed.notify_all()
             member.upstream = self._choose(member, set(avoid))
             if member.upstream == SELF:
                 return Placement(stay=True)
@@ -68,6 +71,7 @@ class Peers:
         with self._lock:
             if address in self._members:
                 self._members[address].holds = True
+                self._changed.notify_all()
 
     def leave(self, address: str) -> None:
         """One of the member's connections closed; the member goes with its last one."""
@@ -77,10 +81,22 @@ class Peers:
                 member.connections -= 1
                 if member.connections <= 0:
                     del self._members[address]
+                self._changed.notify_all()
 
     def members(self) -> list[Member]:
         with self._lock:
-            return sorted(self._members.values(), key=lambda m: m.seq)
+            return self._sorted()
+
+    def wait_for(self, settled: Callable[[list[Member]], bool], timeout: float) -> list[Member]:
+        """The members once ``settled(members)`` holds, or as they are after ``timeout`` s.
+        A client's pull ends when it has sent its verdict; the server marks it as holding
+        the model when that verdict arrives, a moment later."""
+        with self._changed:
+            self._changed.wait_for(lambda: settled(self._sorted()), timeout)
+            return self._sorted()
+
+    def _sorted(self) -> list[Member]:
+        return sorted(self._members.values(), key=lambda m: m.seq)
 
     def _choose(self, member: Member, avoid: set[str]) -> str:
         """The upstream for ``member``: the newest earlier node feeding nobody, else the oldest
