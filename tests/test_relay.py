@@ -15,7 +15,7 @@ import pytest
 from helpers import Proxy, Serve, ServerProcess, all_cases, assert_same, big_cases, kill_after
 from safetensors.torch import save_file
 
-from netloader import Identity, IntegrityError, PeerClosed, Refused, Server, pull
+from netloader import Identity, IntegrityError, PeerClosed, Refused, Server, info, pull
 
 IDENT = Identity("test-model")
 NETLOADER = str(Path(sys.executable).with_name("netloader"))
@@ -258,6 +258,9 @@ def test_a_relay_killed_mid_transfer_costs_its_downstream_only_the_chunks_in_fli
     ident = Identity("relay-model")
     seed = Serve(folder, "--max-upload-rate", "16MB/s")
     r1 = Serve("--from", seed.address)
+    # r1 answers once its own pull was accepted, i.e. once the seed counts it as a member: only
+    # then is r2 sent to it (otherwise, on a loaded machine, r2 could be first in the chain).
+    assert info(r1.address).identity == ident
     r2 = Server(None, ident).start()
     received = [0]
 
