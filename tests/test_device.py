@@ -25,7 +25,7 @@ from netloader.digest import WSUM, fingerprints
 from netloader.plan import Plan
 from netloader.protocol import PROTOCOL_VERSION, Hello, encode
 from netloader.snapshot import Snapshot
-from netloader.transport.tcp import CHUNK_HEADER
+from netloader.transport.chunks import CHUNK_HEADER
 
 pytestmark = [
     pytest.mark.cuda,

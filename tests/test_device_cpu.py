@@ -25,24 +25,18 @@ from netloader import Identity, IntegrityError, Refused, Server, pull
 from netloader.client.striped import _differs
 from netloader.digest import WSUM, XXH3, fingerprints
 from netloader.errors import ProtocolError
+from netloader.options import ServeOptions
 from netloader.plan import Plan
-from netloader.protocol import (
-    PROTOCOL_VERSION,
-    Accept,
-    Hello,
-    IpcOffer,
-    IpcStorage,
-    PullRequest,
-    encode,
-)
+from netloader.protocol import PROTOCOL_VERSION, Accept, Hello, PullRequest, encode
 from netloader.server.handshake import Gate
 from netloader.snapshot import Snapshot
 from netloader.sockets import is_local
 from netloader.tensors import flat_bytes
-from netloader.transport import cuda_ipc, preferred
-from netloader.transport.cuda_ipc import CudaIpcTransport, check_offer
+from netloader.transport import cuda_ipc, offered, preferred
+from netloader.transport.chunks import CHUNK_HEADER
+from netloader.transport.cuda_ipc import CudaIpcEngine, check_offer
+from netloader.transport.cuda_ipc_wire import IpcOffer, IpcStorage
 from netloader.transport.staging import DeviceStaging, Staging
-from netloader.transport.tcp import CHUNK_HEADER
 
 ROOT = Path(__file__).parent.parent
 IDENT = Identity("test-model")
@@ -303,7 +297,7 @@ def test_local_addresses():
 @pytest.fixture
 def pretend_cuda(monkeypatch):
     """CUDA IPC 'supports' every device, as on a GPU machine (the data path still refuses)."""
-    monkeypatch.setattr(CudaIpcTransport, "supports", classmethod(lambda cls, device: True))
+    monkeypatch.setattr(CudaIpcEngine, "supports", lambda self, device: True)
 
 
 def test_preferred_proposes_ipc_only_for_a_local_source(pretend_cuda):
@@ -321,9 +315,10 @@ def test_preferred_for_host_tensors_is_tcp():
 def test_server_offers_ipc_only_to_a_local_client(pretend_cuda):
     request = PullRequest(2, IDENT, None, ["cuda_ipc", "tcp"], 2, "00" * 16)
     snapshot = Snapshot({"w": torch.ones(4)})
-    assert Gate(None).transport_for(request, snapshot, "127.0.0.1") == "cuda_ipc"
-    assert Gate(None).transport_for(request, snapshot, "192.0.2.7") == "tcp"
-    assert Gate(None, cuda_ipc=False).transport_for(request, snapshot, "127.0.0.1") == "tcp"
+    assert Gate(None).transport_for(request, snapshot, "127.0.0.1").name == "cuda_ipc"
+    assert Gate(None).transport_for(request, snapshot, "192.0.2.7").name == "tcp"
+    without_ipc = Gate(None, offered(ServeOptions(cuda_ipc=False)))
+    assert without_ipc.transport_for(request, snapshot, "127.0.0.1").name == "tcp"
 
 
 def test_host_tensors_never_take_ipc():

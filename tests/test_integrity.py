@@ -9,7 +9,7 @@ from helpers import Proxy, ServerProcess, all_cases, assert_same, in_process_ser
 
 from netloader import Identity, IntegrityError, PullError, Refused, pull
 from netloader.protocol import PROTOCOL_VERSION, Hello, encode
-from netloader.transport.tcp import CHUNK_HEADER
+from netloader.transport.chunks import CHUNK_HEADER
 
 IDENT = Identity("test-model")
 

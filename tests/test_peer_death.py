@@ -105,7 +105,11 @@ def test_twenty_clients_killed_mid_transfer_leak_nothing(caplog):
                 parent.send("now")
                 time.sleep(rng.uniform(0.0, 0.02))
             os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: settled() and open_fds() <= fds and not server._sessions, 30, "clean-up")
+        wait_for(
+            lambda: settled() and open_fds() <= fds and not len(server.dispatcher.sessions),
+            30,
+            "clean-up",
+        )
         # The server noticed and logged every client killed while its weights were moving.
         assert caplog.text.count("transfer to ") >= 10, caplog.text
         # The only transfer slot is free again and the next pull is bit-exact.

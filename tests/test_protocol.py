@@ -28,15 +28,13 @@ from netloader.protocol import (
     Hello,
     InfoReply,
     InfoRequest,
-    IpcOffer,
-    IpcReply,
-    IpcStorage,
     PullRequest,
     Refuse,
     StreamAttach,
     decode,
     encode,
 )
+from netloader.transport.cuda_ipc_wire import IpcOffer, IpcReply, IpcStorage
 
 hexes = lambda n: st.binary(min_size=n, max_size=n).map(bytes.hex)  # noqa: E731
 names = st.text(min_size=1, max_size=40)

@@ -13,7 +13,7 @@ from netloader.errors import ProtocolError
 from netloader.manifest import Manifest
 from netloader.protocol import PROTOCOL_VERSION, Accept, Channel, Hello, PullRequest, StreamAttach
 from netloader.snapshot import Snapshot
-from netloader.transport.tcp import CHUNK_HEADER, END
+from netloader.transport.chunks import CHUNK_HEADER, END
 
 SERVED = Identity("served-model", rank=1, world_size=2, tensor_parallel_size=2)
 MODEL = "test-model"

@@ -24,7 +24,7 @@ from helpers import (
 
 from netloader import AllSourcesFailed, ConfigError, Identity, IntegrityError, PeerClosed, pull
 from netloader.options import parse_rate
-from netloader.transport.tcp import WINDOW
+from netloader.transport.chunks import WINDOW
 
 IDENT = Identity("test-model")
 CHUNK = 64 << 10

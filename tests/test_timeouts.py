@@ -20,7 +20,7 @@ from netloader.protocol import (
     encode,
 )
 from netloader.snapshot import Snapshot
-from netloader.transport.tcp import CHUNK_HEADER
+from netloader.transport.chunks import CHUNK_HEADER
 
 IDENT = Identity("test-model")
 

@@ -51,6 +51,17 @@ def check_int(name: str, value: object, low: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+class Refusal(NetloaderError):
+    """A server's no to one request: a ``Code`` and a reason for people. Raised by whichever
+    check fails (token, model, manifest, transport, slots, ...) and turned into the peer's
+    ``Refuse`` message in one place (``server.dispatch``)."""
+
+    def __init__(self, code: Code | str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class ProtocolError(NetloaderError):
     """The peer sent something that is not valid netloader traffic."""
 

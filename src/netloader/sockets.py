@@ -69,6 +69,16 @@ def advertised(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def split_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port): the one parser of addresses.
+    ValueError unless the host is non-empty and the port in 1..65535."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{text!r} is not 'host:port' with a port in 1..65535")
+    return host, int(port)
+
+
 def peer_name(peer: object) -> str:
     """``host:port`` of an accepted connection's peer address."""
     if isinstance(peer, tuple) and len(peer) >= 2:

@@ -12,13 +12,15 @@ land); the transports move the bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from netloader import events
 from netloader.client.control import Control, Endpoint
 from netloader.client.destination import device_of, prepare
 from netloader.client.striped import Job, PullResult, Striped
@@ -34,7 +36,7 @@ from netloader.options import (
     with_keywords,
 )
 from netloader.protocol import PROTOCOL_VERSION, InfoReply, PullRequest, gc_paused
-from netloader.transport import TRANSPORTS, preferred
+from netloader.transport import engine, preferred
 
 if TYPE_CHECKING:
     from netloader.server import Server
@@ -82,13 +84,13 @@ def pull(
     hooks = with_keywords(
         hooks or PullHooks(), {k: keywords.pop(k) for k in _HOOKS if k in keywords}
     )
+    hooks = dataclasses.replace(hooks, progress=_observed(identity.model, hooks.progress))
     options = with_keywords(options or PullOptions(), keywords)
     endpoints = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
     if not endpoints:
         raise ConfigError("no sources given")
     for name in options.transports or ():
-        if name not in TRANSPORTS:
-            raise ConfigError(f"unknown transport {name!r}; known: {sorted(TRANSPORTS)}")
+        engine(name)  # ConfigError for a name no engine has
     if relay is not None and identity.model not in relay.catalog:
         raise ConfigError(
             f"the relay server serves no model named {identity.model!r}; "
@@ -110,12 +112,24 @@ def pull(
     job = Job(request, options, hooks, land, partial(_transports, options, device))
     with gc_paused():  # a blocking load: a full collection would only stall it
         result = Striped(job, endpoints, relay).run()
+    events.emit(events.Pulled(identity.model, result.total_bytes, result.seconds, result.refetched))
     log.info(
         "pulled %s rank %d from %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
         *(identity.model, identity.rank, result.describe_sources(1e9, " GB")),
         *(result.total_bytes / 1e9, result.seconds, result.gbps, result.transport, result.streams),
     )
     return result
+
+
+def _observed(model: str, progress: Callable[[int], None] | None) -> Callable[[int], None]:
+    """The progress hook, with every verified chunk emitted as an event first."""
+
+    def landed(nbytes: int) -> None:
+        events.emit(events.ChunkReceived(model, nbytes))
+        if progress is not None:
+            progress(nbytes)
+
+    return landed
 
 
 def _transports(options: PullOptions, device: torch.device, host: str) -> list[str]:

@@ -45,7 +45,7 @@ from netloader.options import PullHooks, PullOptions
 from netloader.protocol import PROTOCOL_VERSION, Accept, PullRequest
 from netloader.snapshot import Snapshot
 from netloader.sockets import shutdown
-from netloader.transport import TRANSPORTS, Incoming
+from netloader.transport import Incoming, engine
 
 if TYPE_CHECKING:
     from netloader.server import Served, Server
@@ -425,7 +425,7 @@ class _SourceRun:
 
     def _receive(self, control: Control, accept: Accept, inc: Incoming) -> None:
         try:
-            TRANSPORTS[accept.transport]().receive(inc)
+            engine(accept.transport).receive(inc)
             self.transport = inc.transport
         except Exception as exc:
             error = as_pull_error(exc, "transfer", partial=inc.wrote)

@@ -11,20 +11,22 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from netloader import events
 from netloader.errors import Code, NetloaderError, ProtocolError, TensorsChanged, Withdrawn
+from netloader.events import Count
+from netloader.options import Timeouts
+from netloader.pacing import Pacer
 from netloader.protocol import SESSION_BYTES, Accept, Channel, Done, Hello, PullRequest, Refuse
-from netloader.server.peers import Placement
+from netloader.server.catalog import ServedModel
+from netloader.server.handshake import Gate
+from netloader.server.relays import Placement
 from netloader.snapshot import Snapshot
 from netloader.sockets import keepalive
-from netloader.transport import TRANSPORTS, Outgoing
-
-if TYPE_CHECKING:
-    from netloader.server import Server
-    from netloader.server.catalog import Served
+from netloader.transport import Engine, Outgoing
 
 log = logging.getLogger("netloader.server")
 
@@ -40,46 +42,66 @@ class Conversation:
     deadline: float
 
 
-class Session:
-    """One transfer of ``served``'s ``snapshot`` (one of the ``server``'s models)."""
+@dataclass(frozen=True)
+class SessionContext:
+    """What a session needs of its server: where it listens, its limits, its proof of the
+    token, and the count of its transfers."""
 
-    def __init__(
-        self,
-        server: Server,
-        conv: Conversation,
-        served: Served,
-        snapshot: Snapshot,
-        transport: str,
-    ):
-        self.server = server
+    host: str
+    timeouts: Timeouts
+    max_streams: int
+    verify_before_send: bool
+    pacer: Pacer | None
+    gate: Gate
+    closing: threading.Event
+    #: Transfers of every model this server served that the client verified.
+    transfers: Count
+
+
+@dataclass(frozen=True)
+class Offered:
+    """What a pull that passed every check gets: the model's entry, its snapshot as it is
+    now, and the transport that will carry it."""
+
+    entry: ServedModel
+    snapshot: Snapshot
+    engine: Engine
+
+
+class Session:
+    """One transfer of ``offered``'s snapshot to the peer of ``conv``."""
+
+    def __init__(self, context: SessionContext, conv: Conversation, offered: Offered):
+        self.context = context
         self.conv = conv
-        self.served = served
-        self.snapshot = snapshot
-        self.transport = TRANSPORTS[transport]()
+        self.entry = offered.entry
+        self.snapshot = offered.snapshot
         self.id = os.urandom(SESSION_BYTES).hex()
         self.out = Outgoing(
-            snapshot=snapshot,
+            snapshot=offered.snapshot,
             session=self.id,
             streams=1,
-            host=server.options.host,
-            idle=server.options.timeouts.idle,
-            verify=server.options.verify_before_send,
+            host=context.host,
+            idle=context.timeouts.idle,
+            verify=context.verify_before_send,
             client_gone=lambda: _closed(conv.channel.sock),
-            pacer=server.pacer,
-            on_changed=served.integrity.stop_serving,
+            pacer=context.pacer,
+            on_changed=offered.entry.integrity.stop_serving,
+            model=offered.entry.model,
         )
+        self.transport = offered.engine.sending(self.out)
+        self.engine = offered.engine
 
     def run(self, request: PullRequest, placement: Placement) -> Done | None:
         """Accept ``request`` and serve it (or, placed elsewhere, only name the peers); the
         client's verdict, or None if the transfer broke."""
-        if not placement.stay:
+        if not placement.here:
             self.conv.channel.send(self._accept(request, placement), self.conv.deadline)
             return self._verdict_of_a_relay()
-        limits = self.server.options.limits
         self.out.streams = min(
             request.streams,
-            limits.max_streams,
-            self.transport.max_streams,
+            self.context.max_streams,
+            self.engine.max_streams,
             max(1, self.snapshot.plan.num_chunks),
         )
         try:
@@ -98,54 +120,54 @@ class Session:
 
     def _accept(self, request: PullRequest, placement: Placement) -> Accept:
         snapshot = self.snapshot
-        offer = self.transport.offer(self.out) if placement.stay else {}
+        offer = self.transport.offer() if placement.here else {}
         return Accept(
             session=self.id,
-            identity=self.served.identity,
+            identity=self.entry.identity,
             manifest=snapshot.manifest,
             aliases=snapshot.aliases,
-            transport=self.transport.name,
+            transport=self.engine.name,
             streams=self.out.streams,
             chunk_size=snapshot.plan.chunk_size,
             digests=snapshot.digests,
             offer=offer,
-            mac=self.server.gate.proof("pull", request.nonce, self.conv.hello.nonce, self.id),
+            mac=self.context.gate.proof("pull", request.nonce, self.conv.hello.nonce, self.id),
             peers=list(placement.peers),
-            stay=placement.stay,
+            stay=placement.here,
             digest=snapshot.digest_kind,
         )
 
     def _send(self) -> bool:
         """Run the data plane; True when it completed and the client's verdict is due."""
         try:
-            self.transport.send(self.out)
+            self.transport.send()
             return True
         except TensorsChanged as exc:
             log.error("stopped sending to %s: %s", self.conv.peer, exc)
-            self.served.integrity.stop_serving(str(exc))
+            self.entry.integrity.stop_serving(str(exc))
             # Tell the client why on the control connection too, whichever stream it notices.
             self.conv.channel.send_if_open(Refuse(Code.CHANGED, str(exc)))
         except Withdrawn as exc:
             self.conv.channel.send_if_open(Refuse(Code.UNAVAILABLE, str(exc)))
         except (OSError, NetloaderError) as exc:
-            if not self.server.closing.is_set():
+            if not self.context.closing.is_set():
                 log.warning("transfer to %s failed: %s", self.conv.peer, exc or type(exc).__name__)
                 self._hear_why()
         return False
 
     def _conclude(self, seconds: float) -> Done:
         done = self.conv.channel.recv(Done, deadline=time.monotonic() + self.out.idle)
-        if not done.ok:
-            self.served.integrity.client_failed(self.conv.peer, done)
-            return done
-        self.server.served += 1
-        self.served.served += 1
-        sent = self.out.sent
-        log.info(
-            "served %s rank %d to %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
-            *(self.served.identity.model, self.served.identity.rank, self.conv.peer),
-            *(sent / 1e9, seconds, sent / 1e9 / max(seconds, 1e-9)),
-            *(self.transport.name, self.out.streams),
+        if done.ok:
+            self.context.transfers.add()
+            self.entry.transfers.add()
+        else:
+            self.entry.integrity.client_failed(self.conv.peer, done)
+        ident = self.entry.identity
+        events.emit(
+            events.TransferDone(
+                *(ident.model, ident.rank, self.conv.peer, self.out.sent, seconds),
+                *(self.engine.name, self.out.streams, done.ok),
+            )
         )
         return done
 
@@ -153,7 +175,7 @@ class Session:
         """A relay sent to other peers pulls for as long as it takes: its verdict is awaited
         without a time limit, with TCP keepalive to notice a host that vanished."""
         sock = self.conv.channel.sock
-        keepalive(sock, self.server.options.timeouts.idle)
+        keepalive(sock, self.context.timeouts.idle)
         try:
             return Channel(sock, None).recv(Done)
         except (OSError, ProtocolError):
@@ -165,7 +187,7 @@ class Session:
             done = self.conv.channel.recv(Done, deadline=time.monotonic() + 2.0)
         except (OSError, ProtocolError):
             return
-        self.served.integrity.client_failed(self.conv.peer, done)
+        self.entry.integrity.client_failed(self.conv.peer, done)
 
 
 def hold_membership(channel: Channel, idle: float) -> None:

@@ -1,29 +1,76 @@
-"""Data-plane transports, by name. See ``base`` for the interface."""
+"""Data-plane transports: one long-lived engine per transport, registered here, in the order a
+client prefers them. See ``base`` for the interface; a new transport is its module plus one
+line in ``_ENGINES``."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from netloader.sockets import is_local
-from netloader.transport.base import Incoming, Outgoing, Transport
-from netloader.transport.cuda_ipc import CudaIpcTransport
-from netloader.transport.process_group import GlooTransport, HcclTransport, NcclTransport
-from netloader.transport.tcp import TcpTransport
+from netloader import protocol
+from netloader.errors import ConfigError
+from netloader.transport.base import Engine, Incoming, Outgoing, Sending
+from netloader.transport.cuda_ipc import CudaIpcEngine
+from netloader.transport.process_group import GlooEngine, HcclEngine, NcclEngine
+from netloader.transport.tcp import TcpEngine
 
-TRANSPORTS: dict[str, type[Transport]] = {
-    t.name: t for t in (TcpTransport, CudaIpcTransport, NcclTransport, HcclTransport, GlooTransport)
-}
+if TYPE_CHECKING:
+    from netloader.options import ServeOptions
+
+#: Best first: a client proposes, unasked, every engine whose ``proposes`` agrees, in this order.
+_ENGINES: tuple[Engine, ...] = (
+    CudaIpcEngine(),
+    NcclEngine(),
+    HcclEngine(),
+    TcpEngine(),
+    GlooEngine(),
+)
+
+ENGINES: dict[str, Engine] = {}
+
+
+def register(engine: Engine) -> Engine:
+    """Make ``engine`` known by its name, with its messages and its offer's bound."""
+    if engine.name in ENGINES:
+        raise ValueError(f"a transport named {engine.name!r} is registered already")
+    protocol.register(*engine.messages)
+    protocol.allow_offer(engine.name, engine.offer_limit)
+    ENGINES[engine.name] = engine
+    return engine
+
+
+for _engine in _ENGINES:
+    register(_engine)
+
+
+def engine(name: str) -> Engine:
+    """The engine called ``name``; ConfigError names the known ones."""
+    found = ENGINES.get(name)
+    if found is None:
+        raise ConfigError(f"unknown transport {name!r}; known: {sorted(ENGINES)}")
+    return found
+
+
+def offered(options: ServeOptions) -> list[Engine]:
+    """The engines a server with ``options`` offers, in the registry's order."""
+    return [e for e in ENGINES.values() if e.enabled(options)]
 
 
 def preferred(device: torch.device, source_host: str | None = None) -> list[str]:
     """Transports a client with tensors on ``device`` proposes to a source at ``source_host``,
-    best first, ending with TCP (which any server can use). A CUDA client proposes CUDA IPC to
-    a source on this machine, and no process group there: NCCL cannot pair two processes on
-    one GPU, and on one host IPC does what it would. Elsewhere, a device process group."""
-    if source_host is not None and CudaIpcTransport.supports(device) and is_local(source_host):
-        return [CudaIpcTransport.name, TcpTransport.name]
-    names = [t.name for t in (NcclTransport, HcclTransport) if t.supports(device)]
-    return [*names, TcpTransport.name]
+    best first, ending with TCP (which any server can use)."""
+    return [e.name for e in ENGINES.values() if e.proposes(device, source_host)]
 
 
-__all__ = ["TRANSPORTS", "Incoming", "Outgoing", "Transport", "preferred"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Incoming",
+    "Outgoing",
+    "Sending",
+    "engine",
+    "offered",
+    "preferred",
+    "register",
+]

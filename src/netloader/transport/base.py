@@ -2,11 +2,13 @@
 
 The control connection (``protocol``) decides *whether* weights move; the client decides which
 chunk comes from which source (its ``Board``); a transport decides *how* they move. Each
-transport is one module with one class and declares what it needs from the server: how many
-streams it can use, and whether data connections reach it through the server's listening port
-(``attach``). The server calls ``offer`` then ``send`` (which answers the client's chunk
-requests) in the session's thread; the client calls ``receive`` once per source. Both sides
-see the same ``Plan``.
+transport is one module with an ``Engine``: one long-lived object per process, registered once
+in ``transport/__init__.py``. It says what it can carry (``supports``), to whom (``reaches``),
+whether a server's options enable it, and whether a client proposes it unasked. For each
+accepted transfer the server asks it for a ``Sending`` (``offer`` for the Accept, ``attach``
+for data connections that reach the server's port, ``send`` in the session's thread, ``close``
+however it ended); the client calls ``receive`` once per source. Both sides see the same
+``Plan``; ``Outgoing`` and ``Incoming`` are what each side knows of the transfer.
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from netloader import events
 from netloader.board import Board
 from netloader.digest import XXH3, chunk_digest
 from netloader.errors import IntegrityError, TensorsChanged
 from netloader.pacing import Pacer
 from netloader.plan import Plan
+from netloader.protocol import MAX_TEXT, Message
 from netloader.snapshot import Snapshot, describe_changed
+
+if TYPE_CHECKING:
+    from netloader.options import ServeOptions
 
 
 @dataclass
@@ -47,6 +54,8 @@ class Outgoing:
     #: hears of it: the server refuses every later pull from that moment on.
     on_changed: Callable[[str], None] = lambda reason: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: The model's name, for the events this transfer emits.
+    model: str = ""
     #: Bytes sent in this transfer so far.
     sent: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -70,8 +79,11 @@ class Outgoing:
             self.pacer.wait(self.snapshot.plan.chunk_bytes(index))
 
     def count(self, index: int) -> None:
+        """Chunk ``index`` went out."""
+        nbytes = self.snapshot.plan.chunk_bytes(index)
         with self._lock:
-            self.sent += self.snapshot.plan.chunk_bytes(index)
+            self.sent += nbytes
+        events.emit(events.ChunkSent(self.model, nbytes))
 
 
 @dataclass
@@ -120,38 +132,74 @@ class Incoming:
             )
 
 
-class Transport(ABC):
-    name: ClassVar[str]
-    #: The most streams this transport runs for one transfer (the server caps it further).
-    max_streams: ClassVar[int] = 1
+class Sending(ABC):
+    """The server's side of one transfer on an engine: what the Accept offers, the data
+    connections that reach the server's port for it, and the sending itself."""
 
-    @classmethod
-    @abstractmethod
-    def supports(cls, device: torch.device) -> bool:
-        """Whether tensors on ``device`` can travel on this transport from this process."""
+    def __init__(self, out: Outgoing):
+        self.out = out
 
-    @classmethod
-    def reaches(cls, peer_host: str) -> bool:
-        """Whether a server may use this transport with a client at ``peer_host``."""
-        return True
-
-    # --- server side ---
-    def offer(self, out: Outgoing) -> dict[str, Any]:
+    def offer(self) -> dict[str, Any]:
         """Extra facts the client needs (sent in Accept), e.g. a rendezvous port."""
         return {}
 
     def attach(self, sock: socket.socket, index: int) -> bool:
         """Take data connection ``index`` that arrived at the server's port for this transfer;
-        False if this transport takes none (or no more), and the server closes it."""
+        False if this transfer takes none (or no more), and the server closes it."""
         return False
 
     @abstractmethod
-    def send(self, out: Outgoing) -> None:
-        """Send every chunk of ``out``; raises on failure. Runs in the session's thread."""
+    def send(self) -> None:
+        """Answer the client's chunk requests until it is done; raises on failure. Runs in the
+        session's thread."""
 
-    def close(self) -> None:  # noqa: B027 - an optional hook: most transports hold nothing
+    def close(self) -> None:  # noqa: B027 - an optional hook: most transfers hold nothing
         """Release what ``offer`` and ``attach`` took; the server calls it however the transfer
         ended (and from another thread, to stop one). Safe to call more than once."""
+
+
+class Engine(ABC):
+    """One transport of this process: long-lived (one per process, made when it is
+    registered), it knows what it can carry and to whom, and starts each transfer.
+
+    Per-process state (a registered memory region, an RDMA context) lives here; per-transfer
+    state lives in the ``Sending`` it makes (server side) or in ``receive`` (client side).
+    """
+
+    name: ClassVar[str]
+    #: The most streams this transport runs for one transfer (the server caps it further).
+    max_streams: ClassVar[int] = 1
+    #: Messages of its own, on its data connections (decoded like every other kind).
+    messages: ClassVar[tuple[type[Message], ...]] = ()
+    #: The most characters of JSON its facts in an Accept's ``offer`` may take.
+    offer_limit: ClassVar[int] = MAX_TEXT
+
+    @abstractmethod
+    def supports(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` can travel on this transport from this process."""
+
+    def reaches(self, peer_host: str) -> bool:
+        """Whether a server may use this transport with a client at ``peer_host``."""
+        return True
+
+    def enabled(self, options: ServeOptions) -> bool:
+        """Whether a server with ``options`` offers this transport at all."""
+        return True
+
+    def proposes(self, device: torch.device, source_host: str | None) -> bool:
+        """Whether a client with tensors on ``device`` proposes this transport unasked to a
+        source at ``source_host`` (None: not known yet); the registry's order is the order of
+        preference."""
+        return False
+
+    def register(self, snapshot: Snapshot) -> None:  # noqa: B027 - most engines keep nothing
+        """A server serves ``snapshot`` from now on (once per served model): the moment to
+        prepare it for this transport, e.g. register its memory."""
+
+    # --- server side ---
+    @abstractmethod
+    def sending(self, out: Outgoing) -> Sending:
+        """The server's side of one transfer of ``out``."""
 
     # --- client side ---
     @abstractmethod

@@ -13,7 +13,7 @@ connection, as on the TCP transport (the session id from the Accept is its ticke
 
 1. server -> ``IpcOffer``: for each storage holding served bytes, torch's CUDA IPC handle
    (``UntypedStorage._share_cuda_``) as hex strings and bounded integers, and per slot where
-   its bytes start. Never pickle: ``protocol.IpcOffer`` checks every field and the client checks
+   its bytes start. Never pickle: ``cuda_ipc_wire.IpcOffer`` checks every field and the client checks
    the slots against its own plan before it opens anything.
 2. client -> ``IpcReply``: ok once it opened every handle (torch's ``rebuild_cuda_tensor``) on
    the server's GPU, found by UUID: its destination's GPU, or one it has peer access to. If
@@ -43,39 +43,33 @@ import logging
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from netloader.digest import WSUM, fingerprints
 from netloader.errors import ProtocolError
 from netloader.plan import Plan
-from netloader.protocol import (
-    MAX_TEXT,
-    Channel,
-    IpcOffer,
-    IpcReply,
-    IpcStorage,
-    encode,
-    ipc_handle_ok,
-)
+from netloader.protocol import MAX_TEXT, Channel, encode
 from netloader.snapshot import Snapshot
 from netloader.sockets import is_local, kernel_timeouts
-from netloader.transport.base import Incoming, Outgoing
+from netloader.transport.base import Engine, Incoming, Outgoing, Sending
+from netloader.transport.chunks import CHUNK_HEADER, ERROR, Mark, request_chunks
+from netloader.transport.cuda_ipc_wire import IpcOffer, IpcReply, IpcStorage, ipc_handle_ok
 from netloader.transport.staging import on_stream
+from netloader.transport.streams import AttachedSending, Streams
 from netloader.transport.tcp import (
-    CHUNK_HEADER,
-    END,
-    ERROR,
-    Streams,
-    TcpTransport,
+    SocketAsking,
+    TcpEngine,
     fetch_stream,
     open_stream,
-    recv_buffers,
-    request_chunks,
     serve_stream,
     take_answer,
 )
+from netloader.transport.vectored import recv_buffers
+
+if TYPE_CHECKING:
+    from netloader.options import ServeOptions
 
 log = logging.getLogger("netloader.transport")
 
@@ -85,38 +79,49 @@ log = logging.getLogger("netloader.transport")
 WINDOW = 256
 
 
-class CudaIpcTransport(TcpTransport):
+class CudaIpcEngine(Engine):
     name = "cuda_ipc"
     max_streams = 1
+    messages = (IpcOffer, IpcReply)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_available()
+
+    def reaches(self, peer_host: str) -> bool:
+        return is_local(peer_host)
+
+    def enabled(self, options: ServeOptions) -> bool:
+        return options.cuda_ipc
+
+    def proposes(self, device: torch.device, source_host: str | None) -> bool:
+        return source_host is not None and self.supports(device) and is_local(source_host)
+
+    def sending(self, out: Outgoing) -> Sending:
+        return IpcSending(out)
+
+    def receive(self, inc: Incoming) -> None:
+        Streams(1, inc.idle, threading.Event()).run(
+            lambda index: open_stream(inc, index), lambda s, mark: _fetch(s, inc, mark)
+        )
+
+
+class IpcSending(AttachedSending):
+    """One data connection, as on TCP; on it the offer of the storages, then chunk indices."""
+
+    def __init__(self, out: Outgoing):
+        super().__init__(out)
         #: Storages the client may map, held until the session ends.
         self._shared: list[torch.UntypedStorage] = []
 
-    @classmethod
-    def supports(cls, device: torch.device) -> bool:
-        return device.type == "cuda" and torch.cuda.is_available()
-
-    @classmethod
-    def reaches(cls, peer_host: str) -> bool:
-        return is_local(peer_host)
-
-    # --- server ---------------------------------------------------------------------------
-
-    def send(self, out: Outgoing) -> None:
-        try:
-            Streams(1, out.idle, out.cancelled).run(
-                lambda index: self._wait_attached(out), lambda s, mark: self._serve(s, out, mark)
-            )
-        finally:
-            self.close()
+    def send(self) -> None:
+        self.run_streams(self._serve)
 
     def close(self) -> None:
         super().close()
         self._shared = []
 
-    def _serve(self, sock: socket.socket, out: Outgoing, mark: Callable[[], None]) -> None:
+    def _serve(self, sock: socket.socket, mark: Mark) -> None:
+        out = self.out
         offer, self._shared = share(out.snapshot)
         try:
             encode(offer)
@@ -132,15 +137,8 @@ class CudaIpcTransport(TcpTransport):
             )
         serve_stream(sock, out, mark, payload=not reply.ok)
 
-    # --- client ---------------------------------------------------------------------------
 
-    def receive(self, inc: Incoming) -> None:
-        Streams(1, inc.idle, threading.Event()).run(
-            lambda index: open_stream(inc, index), lambda s, mark: _fetch(s, inc, mark)
-        )
-
-
-def _fetch(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None:
+def _fetch(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
     """Map the server's storages and copy the chunks the board hands this source; or, if they
     cannot be mapped here, receive them over this connection as on TCP."""
     channel = Channel(sock, inc.idle)
@@ -150,7 +148,7 @@ def _fetch(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None
     if isinstance(sources, str):
         log.warning("%s: CUDA IPC not possible (%s); receiving over TCP", inc.source, sources)
         channel.send(IpcReply(False, sources[:MAX_TEXT]))
-        inc.transport = TcpTransport.name
+        inc.transport = TcpEngine.name
         fetch_stream(sock, inc, mark)
         return
     channel.send(IpcReply(True))
@@ -158,13 +156,12 @@ def _fetch(sock: socket.socket, inc: Incoming, mark: Callable[[], None]) -> None
     copier = Copier(inc, sources)
     del sources
     kernel_timeouts(sock, inc.idle)
+    stream = SocketAsking(sock, lambda asked: copier.copy(answers(sock, inc, asked)))
     try:
-        request_chunks(
-            sock, inc, mark, WINDOW, lambda asked: copier.copy(answers(sock, inc, asked))
-        )
+        request_chunks(stream, inc, mark, WINDOW)
     finally:
         copier.release()
-    sock.sendall(CHUNK_HEADER.pack(END))
+    stream.end()
 
 
 def answers(sock: socket.socket, inc: Incoming, asked: deque[int]) -> list[int]:

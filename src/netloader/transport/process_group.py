@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -25,93 +26,39 @@ import torch
 import torch.distributed as dist
 
 from netloader.errors import ProtocolError
-from netloader.transport.base import Incoming, Outgoing, Transport
+from netloader.transport.base import Engine, Incoming, Outgoing, Sending
+from netloader.transport.chunks import END, PING, answer_requests, request_chunks
 
 SERVER_RANK, CLIENT_RANK = 0, 1
-END, PING = -1, -3  # requests, as in the TCP transport
 
 
-class ProcessGroupTransport(Transport):
+class ProcessGroupEngine(Engine):
     device_type: ClassVar[str]
 
-    def __init__(self) -> None:
-        self.store: dist.TCPStore | None = None
+    def supports(self, device: torch.device) -> bool:
+        return device.type == self.device_type and dist.is_available() and self.backend_available()
 
-    @classmethod
-    def supports(cls, device: torch.device) -> bool:
-        return device.type == cls.device_type and dist.is_available() and cls.backend_available()
-
-    @classmethod
-    def backend_available(cls) -> bool:
+    def backend_available(self) -> bool:
         return True
 
-    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+    def group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+        """This pair's process group of the backend, on ``store``."""
         raise NotImplementedError
 
-    # --- server ---------------------------------------------------------------------------
-
-    def offer(self, out: Outgoing) -> dict[str, Any]:
-        self.store = dist.TCPStore(
-            out.host, 0, 2, is_master=True, timeout=_delta(out.idle), wait_for_workers=False
-        )
-        return {"store_port": self.store.port}
-
-    def send(self, out: Outgoing) -> None:
-        """Answer the client's chunk requests (an int64 index each, as in the TCP transport)."""
-        assert self.store is not None, "offer() must run before send()"
-        plan = out.snapshot.plan
-        store = dist.PrefixStore(out.session, self.store)
-        group = _timed(lambda: self._group(store, SERVER_RANK, out.host, out.idle), out.idle)
-        request = torch.empty(1, dtype=torch.int64, device=out.snapshot.device)
-        try:
-            while not out.cancelled.is_set():
-                _move(group.recv, request, CLIENT_RANK, out.idle)
-                index = int(request.item())
-                if index == END:
-                    return
-                if index == PING:
-                    continue
-                if not 0 <= index < plan.num_chunks:
-                    raise ProtocolError(f"client asked for chunk {index} of {plan.num_chunks}")
-                out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
-                out.check(index)
-                pieces = [out.snapshot.buffers[s][a:b] for s, a, b in plan.pieces(index)]
-                chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-                out.pace(index)
-                _move(group.send, chunk, CLIENT_RANK, out.idle)
-                out.count(index)
-        finally:
-            del group
-            self.close()
-
-    def close(self) -> None:
-        self.store = None
+    def sending(self, out: Outgoing) -> Sending:
+        return GroupSending(out, self)
 
     # --- client ---------------------------------------------------------------------------
 
     def receive(self, inc: Incoming) -> None:
         group = self._join(inc)
         device = next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
-        request = torch.empty(1, dtype=torch.int64, device=device)
+        stream = GroupAsking(group, inc, torch.empty(1, dtype=torch.int64, device=device))
         try:
-            while True:
-                index = inc.board.take(inc.source)
-                if index is None:
-                    if inc.board.finished:
-                        request.fill_(END)
-                        _move(group.send, request, SERVER_RANK, inc.idle)
-                        return
-                    inc.board.wait_for_work(inc.idle / 3)
-                    request.fill_(PING)
-                    _move(group.send, request, SERVER_RANK, inc.idle)
-                    continue
-                request.fill_(index)
-                _move(group.send, request, SERVER_RANK, inc.idle)
-                self._receive_chunk(group, inc, index)
-                inc.verify(index)
-                inc.board.done(index)
+            request_chunks(stream, inc, lambda: None, window=1)
+            stream.send(END)
         finally:
-            del group
+            del group, stream
 
     def _join(self, inc: Incoming) -> Any:
         """Rendezvous on the server's store and build this pair's group."""
@@ -123,59 +70,131 @@ class ProcessGroupTransport(Transport):
             inc.idle,
         )
         prefixed = dist.PrefixStore(inc.session, store)
-        return _timed(lambda: self._group(prefixed, CLIENT_RANK, inc.host, inc.idle), inc.idle)
-
-    def _receive_chunk(self, group: Any, inc: Incoming, index: int) -> None:
-        """Chunk ``index`` straight into its tensor, or through one buffer when it spans several."""
-        pieces = [inc.buffers[s][a:b] for s, a, b in inc.plan.pieces(index)]
-        if len(pieces) == 1:
-            chunk = pieces[0]
-        else:
-            chunk = torch.empty(
-                inc.plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device
-            )
-        inc.wrote = True
-        _move(group.recv, chunk, SERVER_RANK, inc.idle)
-        if len(pieces) > 1:
-            offset = 0
-            for piece in pieces:
-                piece.copy_(chunk[offset : offset + piece.numel()])
-                offset += piece.numel()
+        return _timed(lambda: self.group(prefixed, CLIENT_RANK, inc.host, inc.idle), inc.idle)
 
 
-class GlooTransport(ProcessGroupTransport):
+class GroupSending(Sending):
+    """The server's side: a private TCPStore for the rendezvous, then chunk requests answered
+    on the pair's group."""
+
+    def __init__(self, out: Outgoing, engine: ProcessGroupEngine):
+        super().__init__(out)
+        self.engine = engine
+        self.store: dist.TCPStore | None = None
+        self.group: Any = None
+        self.request: torch.Tensor | None = None
+
+    def offer(self) -> dict[str, Any]:
+        out = self.out
+        self.store = dist.TCPStore(
+            out.host, 0, 2, is_master=True, timeout=_delta(out.idle), wait_for_workers=False
+        )
+        return {"store_port": self.store.port}
+
+    def send(self) -> None:
+        """Answer the client's chunk requests (an int64 index each, as in ``chunks``)."""
+        assert self.store is not None, "offer() must run before send()"
+        out = self.out
+        store = dist.PrefixStore(out.session, self.store)
+        self.group = _timed(
+            lambda: self.engine.group(store, SERVER_RANK, out.host, out.idle), out.idle
+        )
+        self.request = torch.empty(1, dtype=torch.int64, device=out.snapshot.device)
+        try:
+            answer_requests(self._next_request, out, lambda: None, self._answer)
+        finally:
+            self.close()
+
+    def _next_request(self) -> int:
+        _move(self.group.recv, self.request, CLIENT_RANK, self.out.idle)
+        return int(self.request.item())
+
+    def _answer(self, index: int) -> None:
+        out = self.out
+        out.snapshot.wait_ready(index, out.idle)  # a relay may still be receiving it
+        out.check(index)
+        pieces = [out.snapshot.buffers[s][a:b] for s, a, b in out.snapshot.plan.pieces(index)]
+        chunk = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        out.pace(index)
+        _move(self.group.send, chunk, CLIENT_RANK, out.idle)
+
+    def close(self) -> None:
+        self.store = self.group = None
+
+
+class GroupAsking:
+    """Requests as int64 tensors on the pair's group, one chunk at a time (``chunks.Asking``)."""
+
+    def __init__(self, group: Any, inc: Incoming, request: torch.Tensor):
+        self.group = group
+        self.inc = inc
+        self.request = request
+
+    def send(self, index: int) -> None:
+        self.request.fill_(index)
+        _move(self.group.send, self.request, SERVER_RANK, self.inc.idle)
+
+    def ask(self, indices: list[int]) -> None:
+        (index,) = indices  # a window of one
+        self.send(index)
+
+    def ping(self) -> None:
+        self.send(PING)
+
+    def land(self, asked: deque[int]) -> list[int]:
+        index = asked.popleft()
+        receive_chunk(self.group, self.inc, index)
+        self.inc.verify(index)
+        return [index]
+
+
+def receive_chunk(group: Any, inc: Incoming, index: int) -> None:
+    """Chunk ``index`` straight into its tensor, or through one buffer when it spans several."""
+    pieces = [inc.buffers[s][a:b] for s, a, b in inc.plan.pieces(index)]
+    if len(pieces) == 1:
+        chunk = pieces[0]
+    else:
+        chunk = torch.empty(inc.plan.chunk_bytes(index), dtype=torch.uint8, device=pieces[0].device)
+    inc.wrote = True
+    _move(group.recv, chunk, SERVER_RANK, inc.idle)
+    if len(pieces) > 1:
+        offset = 0
+        for piece in pieces:
+            piece.copy_(chunk[offset : offset + piece.numel()])
+            offset += piece.numel()
+
+
+class GlooEngine(ProcessGroupEngine):
     name = "gloo"
     device_type = "cpu"
 
-    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+    def group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
         return gloo_pair(store, rank, host, timeout)
 
 
-class NcclTransport(ProcessGroupTransport):
+class NcclEngine(ProcessGroupEngine):
     name = "nccl"
     device_type = "cuda"
 
-    @classmethod
-    def backend_available(cls) -> bool:
+    def backend_available(self) -> bool:
         return dist.is_nccl_available() and torch.cuda.is_available()
 
-    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+    def group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = _delta(timeout)
         return dist.ProcessGroupNCCL(store, rank, 2, options)
 
 
-class HcclTransport(ProcessGroupTransport):
+class HcclEngine(ProcessGroupEngine):
     """Ascend NPUs via torch_npu. Not exercised in this project's CI (no NPU here)."""
 
     name = "hccl"
     device_type = "npu"
 
-    @classmethod
-    def backend_available(cls) -> bool:
+    def backend_available(self) -> bool:
         return importlib.util.find_spec("torch_npu") is not None
 
-    def _group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
+    def group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
         from torch_npu._C._distributed_c10d import ProcessGroupHCCL  # type: ignore[import-not-found]
 
         options = ProcessGroupHCCL.Options()

@@ -24,6 +24,7 @@ Everything here is glue: the transfer itself is netloader's core.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import gc
 import logging
 import time
@@ -37,13 +38,13 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.interfaces import supports_any_eagle
 
-from netloader import auth
+from netloader import auth, events
 from netloader.client import pull
 from netloader.errors import PullError
 from netloader.identity import Identity
 from netloader.integrations.vllm.config import NetloaderConfig
 from netloader.options import ServeOptions
-from netloader.server import Served, Server
+from netloader.server import ServedModel, Server
 from netloader.snapshot import Snapshot, describe_changed
 
 LOAD_FORMAT = "netloader"
@@ -56,6 +57,15 @@ EAGLE_FLAGS = ("has_own_embed_tokens", "has_own_lm_head")
 EAGLE_FLAGS_TENSOR = "netloader.eagle_flags"
 
 _registered = False
+
+
+class _Path(enum.Enum):
+    """Where this loader's weights come from: nowhere (outside ``load_model``: a call then
+    means an in-place reload), a peer, or storage."""
+
+    IDLE = "idle"
+    PEER = "peer"
+    STORAGE = "storage"
 
 
 @dataclasses.dataclass
@@ -89,15 +99,14 @@ class NetloaderModelLoader(DefaultModelLoader):
         super().__init__(
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         )
-        # "idle" outside load_model; "peer" or "storage" while loading.
-        self._mode = "idle"
+        self._path = _Path.IDLE
         self._pull_from: list[str] = []
         self._pulled_from = ""  # "peer A", or "peers A (x GB), B (y GB)"
         self._identity: Identity | None = None
         self._draft = False  # loading a speculative-decoding draft model
         self._snapshot: Snapshot | None = None
         #: This model's entry in the worker's server while its pull relays what arrives.
-        self._relay: Served | None = None
+        self._relay: ServedModel | None = None
         #: The worker's server already serves a model of this name (a draft named like its
         #: target): this one is not served separately.
         self._shadowed = False
@@ -122,7 +131,7 @@ class NetloaderModelLoader(DefaultModelLoader):
         try:
             model, path = self._load(vllm_config, model_config, prefix)
         finally:
-            self._mode = "idle"
+            self._path = _Path.IDLE
         snapshot = self._snapshot
         assert snapshot is not None
         total, seconds = snapshot.plan.total_bytes, self._weights_seconds
@@ -151,7 +160,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             what = "the draft " if self._draft else ""
             log.info("netloader: no SOURCE for rank %d, loading %sfrom storage", rank, what)
         else:
-            self._mode, self._pull_from = "peer", sources
+            self._path, self._pull_from = _Path.PEER, sources
             registered = _LayerRegistry(vllm_config)
             try:
                 return super().load_model(vllm_config, model_config, prefix), self._pulled_from
@@ -162,18 +171,19 @@ class NetloaderModelLoader(DefaultModelLoader):
                     "storage instead: %s",
                     *(rank, self._label, exc),
                 )
+                events.emit(events.FellBack(self._identity.model, rank, str(exc)))
                 gc.collect()  # the half-filled model of the failed attempt goes first
-        self._mode, self._pull_from = "storage", []
+        self._path, self._pull_from = _Path.STORAGE, []
         return super().load_model(vllm_config, model_config, prefix), "storage"
 
     # --- the weights phase, called by load_model above (between creation and post-processing)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        if self._mode == "idle":
+        if self._path is _Path.IDLE:
             _retire_servers("weights were reloaded in place after they were captured")
             return super().load_weights(model, model_config)
         start = time.perf_counter()
-        if self._mode == "peer":
+        if self._path is _Path.PEER:
             self._snapshot = self._pull_weights(model)
         else:
             super().load_weights(model, model_config)
@@ -215,7 +225,7 @@ class NetloaderModelLoader(DefaultModelLoader):
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def]
         # vLLM's reload_weights reads through a new loader's get_all_weights: outside our own
         # load_model that means the live weights are about to differ from what was captured.
-        if self._mode == "idle":
+        if self._path is _Path.IDLE:
             _retire_servers("weights were reloaded in place after they were captured")
         return super().get_all_weights(model_config, model)
 
@@ -261,7 +271,7 @@ class NetloaderModelLoader(DefaultModelLoader):
 
         return self.config.serve_options(get_ip(), self.token)
 
-    def _add_to_server(self, snapshot: Snapshot | None, identity: Identity) -> Served | None:
+    def _add_to_server(self, snapshot: Snapshot | None, identity: Identity) -> ServedModel | None:
         """Serve ``snapshot`` (None: what a pull will bring) as ``identity`` from this worker's
         server, starting it for the first model; None when it serves nothing new (logged)."""
         if self._shadowed:
@@ -287,19 +297,19 @@ class NetloaderModelLoader(DefaultModelLoader):
         """After post-processing: serve ``snapshot`` (the relay already does, unless its pull
         failed), refusing peers if post-processing rewrote what was captured."""
         changed = snapshot.changed()  # post-processing ran since capture: is it still as loaded?
-        served = self._relay
-        if served is None:
-            served = self._add_to_server(snapshot, identity)
-        elif served.snapshot is not snapshot:
-            served.provide(snapshot)  # a relay whose pull failed: it serves what storage gave
-        if served is not None and changed:
-            served.unavailable = (
+        entry = self._relay
+        if entry is None:
+            entry = self._add_to_server(snapshot, identity)
+        elif entry.snapshot is not snapshot:
+            entry.provide(snapshot)  # a relay whose pull failed: it serves what storage gave
+        if entry is not None and changed:
+            entry.unavailable = (
                 f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "
                 "set INT8_CACHE to keep pristine copies"
             )
             log.warning(
                 "netloader: rank %d will refuse peers asking for %s: %s",
-                *(identity.rank, identity.model, served.unavailable),
+                *(identity.rank, identity.model, entry.unavailable),
             )
 
 
@@ -361,12 +371,12 @@ class _LayerRegistry:
 def _retire_servers(reason: str) -> None:
     """Refuse peers every model of this worker (the reload does not say which one it is)."""
     server = _WORKER.server
-    for served in server.catalog if server is not None else ():
-        if not served.unavailable:
-            served.unavailable = reason
+    for entry in server.catalog if server is not None else ():
+        if not entry.unavailable:
+            entry.unavailable = reason
             log.warning(
                 "netloader: server on %s now refuses peers asking for %s: %s",
-                *(server.address, served.model, reason),
+                *(server.address, entry.model, reason),
             )
 
 

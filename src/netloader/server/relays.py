@@ -1,5 +1,5 @@
-"""Discovery: the relays pulling this server's model or holding it, and where a new one should
-pull from.
+"""Relay placement: the relays pulling this server's model or holding it, and where a new one
+should pull from.
 
 A client that runs a server of its own (a relay) tells this server its address. While its
 control connection here stays open it is a *member*: pulling, then holding the weights. A new
@@ -18,6 +18,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from netloader import events
 
 #: Relays one node feeds at most while another node has room: 2 keeps every uplink at about
 #: twice the model, at most.
@@ -38,14 +40,17 @@ class Member:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a client should pull from: this server (``stay``), and/or ``peers``."""
+    """Where a client should pull from: this server (``here``), and/or ``peers``."""
 
-    stay: bool
+    here: bool
     peers: tuple[str, ...] = ()
 
 
-class Peers:
-    def __init__(self) -> None:
+class Relays:
+    """The members of one served model, and the placement of each new one."""
+
+    def __init__(self, model: str = "") -> None:
+        self.model = model
         self._members: dict[str, Member] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
@@ -57,14 +62,15 @@ class Peers:
             member = self._members.get(address)
             if member is None:
                 if len(self._members) >= MAX_MEMBERS:
-                    return Placement(stay=True)
+                    return Placement(here=True)
                 member = self._members[address] = Member(address, next(self._seq))
+                events.emit(events.RelayJoined(self.model, address))
             member.connections += 1
             self._changed.notify_all()
             member.upstream = self._choose(member, set(avoid))
             if member.upstream == SELF:
-                return Placement(stay=True)
-            return Placement(stay=False, peers=(member.upstream,))
+                return Placement(here=True)
+            return Placement(here=False, peers=(member.upstream,))
 
     def holds(self, address: str) -> None:
         """The member at ``address`` now holds every verified chunk."""
@@ -81,6 +87,7 @@ class Peers:
                 member.connections -= 1
                 if member.connections <= 0:
                     del self._members[address]
+                    events.emit(events.RelayLeft(self.model, address))
                 self._changed.notify_all()
 
     def members(self) -> list[Member]:
