@@ -21,6 +21,8 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` with ``ROOT`` first on PYTHONPATH, for a Python child that imports this package
-    (``sys.path`` is not inherited; the child's working directory may be anywhere)."""
-    paths = [ROOT, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    (``sys.path`` is not inherited). Relative entries (``PYTHONPATH=src``) are made absolute:
+    the child's working directory may be anywhere."""
+    given = (os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
+    paths = [ROOT, *given]
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}

@@ -1,7 +1,8 @@
 """What ships: a wheel built from this repository holds the product and nothing else.
 
 The test scaffolding (``netloader_testing/``: vLLM harness, generated models, network
-namespaces) and the tests, demo and benchmarks stay in the source tree.
+namespaces) and the tests, demo and benchmarks stay in the source tree, and are still found
+there by the processes the scaffolding starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from netloader_testing.harness import Run, vllm_env
 
 ROOT = Path(__file__).parent.parent
 # Build outputs and caches of the checkout are left behind: setuptools would ship a stale
@@ -43,3 +46,14 @@ def test_wheel_holds_the_product_only(tmp_path: Path) -> None:
     # ... with the scaffolding neither inside it nor next to it.
     assert not [n for n in names if n.startswith("netloader/testing/")]
     assert {n.split("/")[0] for n in names} == {"netloader", "netloader-0.1.0.dist-info"}
+
+
+def test_offline_driver_finds_the_scaffolding_from_any_directory(tmp_path: Path) -> None:
+    """``OfflineInstance`` runs ``python -m netloader_testing.harness``: a child inherits no
+    ``sys.path``, and its working directory (here one outside the checkout) does not help."""
+    cmd = [*Run().command(tmp_path / "model"), "--help"]  # exits before it imports vLLM
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=vllm_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--load-format" in proc.stdout
