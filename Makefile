@@ -28,8 +28,8 @@ demo-core: $(STAMP)
 	$(PY) demo/core.py
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests demo benchmarks
-	$(PY) -m ruff format --check src tests demo benchmarks
+	$(PY) -m ruff check src netloader_testing tests demo benchmarks
+	$(PY) -m ruff format --check src netloader_testing tests demo benchmarks
 	$(PY) -m pytest
 
 # On a GPU machine, from the source tree: no virtual environment, no package index. Prints the
@@ -39,12 +39,12 @@ device-check:
 	PYTHONPATH=src $(PYTHON) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests demo benchmarks
-	$(PY) -m ruff format --check src tests demo benchmarks
+	$(PY) -m ruff check src netloader_testing tests demo benchmarks
+	$(PY) -m ruff format --check src netloader_testing tests demo benchmarks
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests demo benchmarks
-	$(PY) -m ruff check --fix src tests demo benchmarks
+	$(PY) -m ruff format src netloader_testing tests demo benchmarks
+	$(PY) -m ruff check --fix src netloader_testing tests demo benchmarks
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info src/*.egg-info

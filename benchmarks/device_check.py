@@ -506,7 +506,7 @@ class Sender:
 
     def __init__(self, size: int, barrier: Any, streams: int, device: str):
         from netloader import Identity, Server
-        from netloader.bench import _serve_raw
+        from netloader.bench.children import serve_raw as _serve_raw
         from netloader.snapshot import Snapshot
 
         self.barrier = barrier
@@ -554,7 +554,7 @@ class Receiver:
         return _pinned_copies(list(self.dest.values()), False, self.barrier)
 
     def raw_tcp(self, address: str, streams: int) -> float:
-        from netloader.bench import _split
+        from netloader.bench.children import split as _split
         from netloader.tensors import host_view
 
         nbytes = self.host.numel() - self.host.numel() % streams

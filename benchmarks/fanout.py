@@ -51,8 +51,11 @@ from safetensors.torch import save_file
 from netloader.bench import machine_description
 from netloader.cli import parse_size
 from netloader.synthetic import llm_like
-from netloader.testing.cpu import CpuSampler
-from netloader.testing.netbed import NetBed, available
+
+# The test scaffolding is not installed: take netloader_testing/ from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netloader_testing.cpu import CpuSampler
+from netloader_testing.netbed import NetBed, available
 
 PULLED = re.compile(r"pulled (\d+) bytes in ([\d.]+) s .* from (.*) over ")
 AGAIN = re.compile(r"(\d+) bytes fetched again")

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 from netloader.bench import machine_description
-from netloader.testing.netbed import NetBed, available, parse_rate, stream
+
+# The test scaffolding is not installed: take netloader_testing/ from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netloader_testing.netbed import NetBed, available, parse_rate, stream
 
 CEILING = 1448 / 1514
 

@@ -22,8 +22,11 @@ import tempfile
 from pathlib import Path
 
 from netloader.bench import drop_page_cache, machine_description
-from netloader.testing.harness import OfflineInstance
-from netloader.testing.models import tiny_llama
+
+# The test scaffolding is not installed: take netloader_testing/ from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netloader_testing.harness import OfflineInstance
+from netloader_testing.models import tiny_llama
 
 # About 284 M parameters: 1.13 GB in float32. Head dim 64 (the CPU attention kernels need it).
 MODEL = {"hidden": 1536, "layers": 10, "intermediate": 4096, "heads": 24, "vocab": 512}

@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from netloader.testing.harness import ApiServer
-from netloader.testing.models import tiny_llama
+# The test scaffolding is not installed: take netloader_testing/ from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netloader_testing.harness import ApiServer
+from netloader_testing.models import tiny_llama
 
 WORK = Path("demo-out/vllm")
 PROMPT = "the quick brown fox"

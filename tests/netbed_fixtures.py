@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from netloader.testing.netbed import available
+from netloader_testing.netbed import available
 
 
 def require_netbed() -> None:

@@ -17,7 +17,7 @@ from netbed_fixtures import require_netbed
 from safetensors.torch import load_file, save_file
 
 from netloader.synthetic import llm_like
-from netloader.testing.netbed import NetBed
+from netloader_testing.netbed import NetBed
 
 SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from netbed_fixtures import require_netbed
 
-import netloader.testing.netbed as netbed
-from netloader.testing.netbed import NetBed, NetBedError, parse_rate, stream
+import netloader_testing.netbed as netbed
+from netloader_testing.netbed import NetBed, NetBedError, parse_rate, stream
 
-SRC = str(Path(netbed.__file__).parents[2])
+SRC = str(Path(netbed.__file__).parents[1])  # the root holding netloader_testing
 
 # Accepts one connection on (argv[1], any port), after printing the port.
 SERVER = """
@@ -45,7 +45,7 @@ for target in sys.argv[1:]:
 # argument "default", SIGINT kills it outright (no KeyboardInterrupt to unwind the `with`).
 CHILD = """
 import signal, sys
-from netloader.testing.netbed import NetBed
+from netloader_testing.netbed import NetBed
 if sys.argv[1:] == ["default"]:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 with NetBed({"a": None, "b": "100mbit"}) as bed:

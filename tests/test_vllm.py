@@ -15,8 +15,8 @@ import pytest
 from helpers import Proxy, kill_after
 
 from netloader.sockets import free_port
-from netloader.testing.harness import ApiServer, OfflineInstance
-from netloader.testing.models import tiny_llama
+from netloader_testing.harness import ApiServer, OfflineInstance
+from netloader_testing.models import tiny_llama
 
 # CI sets NETLOADER_REQUIRE_VLLM=1, so that a missing vLLM fails instead of skipping.
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":

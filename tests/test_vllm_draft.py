@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from netloader import Identity, pull
 from netloader.sockets import free_port
-from netloader.testing.harness import ApiServer, OfflineInstance, Run
-from netloader.testing.models import tiny_draft, tiny_eagle_head, tiny_llama
+from netloader_testing.harness import ApiServer, OfflineInstance, Run
+from netloader_testing.models import tiny_draft, tiny_eagle_head, tiny_llama
 
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")

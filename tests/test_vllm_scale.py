@@ -14,8 +14,8 @@ import signal
 import pytest
 from helpers import Proxy, kill_after
 
-from netloader.testing.harness import OfflineInstance, WeightsPhase
-from netloader.testing.models import tiny_llama
+from netloader_testing.harness import OfflineInstance, WeightsPhase
+from netloader_testing.models import tiny_llama
 
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")

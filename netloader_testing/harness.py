@@ -27,6 +27,7 @@ from typing import Any
 
 from netloader.options import with_keywords
 from netloader.sockets import free_port
+from netloader_testing import child_env
 
 START_TIMEOUT = 300
 WEIGHTS_PHASE = re.compile(
@@ -62,7 +63,7 @@ class Acceptance:
 
 
 def vllm_env(tp: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
+    env = child_env(os.environ)  # the offline driver is this module: it must find it
     env.update(
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -138,7 +139,7 @@ class Run:
     speculative: dict[str, Any] | None = None
 
     def command(self, model: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "netloader.testing.harness", "--model", str(model)]
+        cmd = [sys.executable, "-m", "netloader_testing.harness", "--model", str(model)]
         cmd += ["--tp", str(self.tp), "--load-format", self.load_format]
         cmd += ["--prompts", json.dumps(self.prompts), "--max-tokens", str(self.max_tokens)]
         if self.extra is not None:
@@ -263,7 +264,7 @@ class ApiServer(_Process):
         return Acceptance(total(DRAFTED), total(ACCEPTED))
 
 
-# --- the offline driver: python -m netloader.testing.harness ---------------------------------------
+# --- the offline driver: python -m netloader_testing.harness ---------------------------------
 
 
 def main() -> None:
