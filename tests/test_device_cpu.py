@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netloader import Identity, IntegrityError, Refused, Server, pull
-from netloader.client.striped import _differs
+from netloader.client.source import _differs
 from netloader.digest import WSUM, XXH3, fingerprints
 from netloader.errors import ProtocolError
 from netloader.options import ServeOptions

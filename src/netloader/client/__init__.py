@@ -5,9 +5,12 @@ names, shapes and dtypes match); without it, tensors are allocated from the serv
 after checking its total size against ``max_bytes``. Any failure raises a ``PullError`` whose
 ``partial`` flag tells whether the caller's tensors were already written to.
 
-Its parts: ``control`` (one control connection: handshake, checks, verdict), ``striped``
-(several sources at once, sharing a ``Board`` of chunks) and ``destination`` (where the bytes
-land); the transports move the bytes.
+Its parts, along the data path: ``control`` (one control connection: handshake, checks,
+verdict), ``transfer`` (what the runs of one pull share: how to ask a source, and the context
+fixed by the first Accept), ``schedule`` (several sources at once: which run, replacing those
+that fail, errors and the result), ``source`` (one source's run), ``relay`` (serving onwards
+what arrives, and membership at the first source), ``destination`` (where the bytes land),
+``transports`` (the one place that meets the transport registry) and ``result``.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from netloader import events
 from netloader.client.control import Control, Endpoint
-from netloader.client.destination import device_of, prepare
-from netloader.client.striped import Job, PullResult, Striped
+from netloader.client.destination import Landing, device_of
+from netloader.client.relay import Relaying
+from netloader.client.result import PullResult
+from netloader.client.schedule import pull_striped
+from netloader.client.transfer import Job, Requests
+from netloader.client.transports import Offer, check_known
 from netloader.errors import ConfigError, PullError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
@@ -35,8 +41,7 @@ from netloader.options import (
     Timeouts,
     with_keywords,
 )
-from netloader.protocol import PROTOCOL_VERSION, InfoReply, PullRequest, gc_paused
-from netloader.transport import engine, preferred
+from netloader.protocol import InfoReply, gc_paused
 
 if TYPE_CHECKING:
     from netloader.server import Server
@@ -64,7 +69,7 @@ def pull(
     **keywords: Any,
 ) -> PullResult:
     """Pull ``identity``'s tensors from ``sources``: the first that accepts defines the content,
-    and up to ``max_sources`` of them deliver chunks at once (see ``client.striped``).
+    and up to ``max_sources`` of them deliver chunks at once (see ``client.schedule``).
 
     ``into``: existing tensors to fill in place (names, shapes and dtypes must match the
     server's). Without it, fresh tensors are allocated on ``device`` (a keyword, default CPU),
@@ -89,8 +94,7 @@ def pull(
     endpoints = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
     if not endpoints:
         raise ConfigError("no sources given")
-    for name in options.transports or ():
-        engine(name)  # ConfigError for a name no engine has
+    check_known(options.transports)
     if relay is not None and identity.model not in relay.catalog:
         raise ConfigError(
             f"the relay server serves no model named {identity.model!r}; "
@@ -98,20 +102,18 @@ def pull(
         )
     if into:
         device = device_of(into)
-    request = PullRequest(
-        protocol=PROTOCOL_VERSION,
+    relaying = Relaying(relay, identity.model, options.discovery)
+    requests = Requests(
         identity=identity,
         manifest=Manifest.of(into) if into is not None else None,
-        transports=list(options.transports or preferred(device)),
         streams=options.stream_count(),
-        nonce="",
+        offer=Offer(options.transports, device),
+        advertise=relaying.advertise,
     )
-    land = partial(
-        prepare, into=into, allocate=hooks.allocate, device=device, max_bytes=options.max_bytes
-    )
-    job = Job(request, options, hooks, land, partial(_transports, options, device))
+    landing = Landing(into, hooks.allocate, device, options.max_bytes)
+    job = Job(requests, options, hooks, landing)
     with gc_paused():  # a blocking load: a full collection would only stall it
-        result = Striped(job, endpoints, relay).run()
+        result = pull_striped(job, endpoints, relaying)
     events.emit(events.Pulled(identity.model, result.total_bytes, result.seconds, result.refetched))
     log.info(
         "pulled %s rank %d from %s: %.3f GB in %.2f s (%.2f GB/s) over %s x%d",
@@ -130,11 +132,6 @@ def _observed(model: str, progress: Callable[[int], None] | None) -> Callable[[i
             progress(nbytes)
 
     return landed
-
-
-def _transports(options: PullOptions, device: torch.device, host: str) -> list[str]:
-    """What to offer a source at ``host``: the caller's choice, else the best for ``device``."""
-    return list(options.transports or preferred(device, host))
 
 
 def info(

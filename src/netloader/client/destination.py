@@ -1,10 +1,14 @@
 """Where the bytes of one accepted pull land: the caller's tensors, fresh ones allocated from the
-server's manifest (bounded first), or ones a callback returns (e.g. views of a file)."""
+server's manifest (bounded first), or ones a callback returns (e.g. views of a file).
+
+``Landing`` holds that choice before any source answered; ``Landing.prepare`` makes the
+``Destination`` of an Accept: the tensors, one flat buffer per slot and the chunk plan."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +19,31 @@ from netloader.protocol import Accept
 from netloader.tensors import flat_bytes
 
 Allocate = Callable[[Manifest], Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Landing:
+    """Where an accepted pull's bytes will land, decided before any source answered: ``into``
+    (the caller's tensors), else ``allocate(manifest)``, else fresh tensors on ``device`` (at
+    most ``max_bytes`` in all)."""
+
+    into: Mapping[str, torch.Tensor] | None
+    allocate: Allocate | None
+    device: torch.device
+    max_bytes: int | None
+
+    def prepare(self, accept: Accept) -> Destination:
+        """The destination for ``accept``: ``into`` (already checked against the manifest by
+        the server and again by the client), ``allocate(manifest)``, or fresh tensors."""
+        if self.into is not None:
+            tensors = dict(self.into)
+        elif self.allocate is not None:
+            tensors = dict(self.allocate(accept.manifest))
+            if Manifest.of(tensors) != accept.manifest:
+                raise ValueError("allocate() returned tensors that differ from the manifest")
+        else:
+            tensors = _fresh(accept, self.device, self.max_bytes)
+        return Destination(tensors, accept)
 
 
 class Destination:
@@ -52,27 +81,6 @@ class Destination:
                 dst, src = self.ordered[i], self.ordered[j]
                 if not (dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride()):
                     dst.copy_(src)
-
-
-def prepare(
-    accept: Accept,
-    *,
-    into: Mapping[str, torch.Tensor] | None,
-    allocate: Allocate | None,
-    device: torch.device,
-    max_bytes: int | None,
-) -> Destination:
-    """The destination for ``accept``: ``into`` (already checked against the manifest by the
-    server and again by the client), ``allocate(manifest)``, or fresh tensors on ``device``."""
-    if into is not None:
-        tensors = dict(into)
-    elif allocate is not None:
-        tensors = dict(allocate(accept.manifest))
-        if Manifest.of(tensors) != accept.manifest:
-            raise ValueError("allocate() returned tensors that differ from the manifest")
-    else:
-        tensors = _fresh(accept, device, max_bytes)
-    return Destination(tensors, accept)
 
 
 def device_of(tensors: Mapping[str, torch.Tensor]) -> torch.device:

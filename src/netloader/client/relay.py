@@ -1,0 +1,89 @@
+"""Relay wiring: what a pull does for this client's own server, when it relays.
+
+Along the pull: its requests to the first source advertise where that server listens (with
+discovery); once the first source accepted, the server's entry for the model serves every
+chunk onwards as soon as it landed and was verified; a source that sends this client to other
+peers (``accept.stay`` false) is followed: its connection is held as the membership until the
+pull ends; at the end the membership is kept for as long as the server runs, or, if the pull
+failed, the entry is withdrawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from netloader.board import Board
+from netloader.client.control import Control, Endpoint
+from netloader.client.destination import Destination
+from netloader.errors import PullError
+from netloader.protocol import Accept
+from netloader.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from netloader.server import Served, Server
+
+log = logging.getLogger("netloader.client")
+
+
+class Relaying:
+    """This client's relay server (``server``, None when it does not relay or does not listen)
+    and its entry for the model pulled (``entry``), which serves what arrives."""
+
+    def __init__(self, server: Server | None, model: str, discovery: bool):
+        self.server = server if server is not None and server.address else None
+        self.entry: Served | None = self.server.model(model) if self.server is not None else None
+        self.discovery = discovery
+
+    @property
+    def advertise(self) -> str | None:
+        """The address a member request names, so that the source may send peers here and
+        may send this client to peers ahead of it (None: no relay, or no discovery)."""
+        if self.server is None or not self.discovery:
+            return None
+        return self.server.address
+
+    def serve_arrivals(self, accept: Accept, dest: Destination, board: Board, verify: bool) -> None:
+        """Serve every chunk onwards as soon as it landed and was verified."""
+        if self.entry is None:
+            return
+        if accept.digests is None or not verify:
+            self.entry.withdraw("cannot relay chunks it cannot verify (the source sent no digests)")
+            return
+        snapshot = Snapshot.receiving(
+            accept.manifest, accept.aliases, dest.buffers, dest.plan, accept.digests, accept.digest
+        )
+        assert snapshot.ready is not None
+        board.on_done.append(snapshot.ready.mark)
+        self.entry.provide(snapshot)
+
+    def withdraw(self, error: PullError) -> None:
+        """The pull failed: peers are refused at their next chunk, with the reason."""
+        if self.entry is not None:
+            self.entry.withdraw(f"its own pull failed: {error}")
+
+    def keep_or_close(self, control: Control, *, member: bool, ok: bool) -> None:
+        """A relay keeps its membership at a source that registered it (a ``member`` request
+        with discovery), once the pull succeeded (``ok``), for as long as its own server runs;
+        every other connection closes now."""
+        if member and ok and self.server is not None and self.discovery:
+            self.server.keep(control.detach())
+        else:
+            control.close()
+
+
+def follow(
+    endpoint: Endpoint,
+    accept: Accept,
+    control: Control,
+    board: Board,
+    report: Callable[[list[Endpoint]], None],
+) -> None:
+    """The source at ``endpoint`` sent this client to ``accept.peers``: ``report`` them to the
+    scheduler (which waits for that to start them), stay connected until the pull ends, then
+    say how it went."""
+    log.info("%s sends this client to %s", endpoint.text, ", ".join(accept.peers))
+    report([Endpoint.parse(p) for p in accept.peers])
+    board.wait_finished()
+    control.done(None if board.complete else PullError("the pull failed"))
