@@ -58,14 +58,14 @@ def requests(advertise: str | None) -> Requests:
     return Requests(IDENT, None, 2, offer, advertise)
 
 
-def test_only_a_member_request_of_a_relay_with_discovery_names_it_and_what_to_avoid():
+def test_only_a_member_request_of_a_relay_with_placement_names_it_and_what_to_avoid():
     source = Endpoint.parse("a:1")
     member = requests("10.0.0.7:7000").to(source, None, member=True, avoid=["p:5"])
-    assert (member.discover, member.advertise, member.avoid) == (True, "10.0.0.7:7000", ["p:5"])
+    assert (member.placement, member.advertise, member.avoid) == (True, "10.0.0.7:7000", ["p:5"])
     other = requests("10.0.0.7:7000").to(source, None, member=False, avoid=["p:5"])
-    assert (other.discover, other.advertise, other.avoid) == (False, None, [])
+    assert (other.placement, other.advertise, other.avoid) == (False, None, [])
     no_relay = requests(None).to(source, None, member=True, avoid=["p:5"])
-    assert (no_relay.discover, no_relay.advertise, no_relay.avoid) == (False, None, [])
+    assert (no_relay.placement, no_relay.advertise, no_relay.avoid) == (False, None, [])
     assert member.transports == ["tcp"] and member.streams == 2
 
 

@@ -92,7 +92,7 @@ def accepts(draw):
         offer=draw(st.dictionaries(st.text(max_size=10), st.integers(), max_size=3)),
         mac=draw(st.none() | hexes(32)),
         peers=draw(st.lists(addresses, max_size=4)),
-        stay=draw(st.booleans()),
+        delivers=draw(st.booleans()),
         digest=draw(st.sampled_from(["xxh3-64", "wsum64"])),
     )
 

@@ -95,14 +95,15 @@ def serve_raw(queue: Any, nbytes: int, streams: int) -> None:
 
 
 def recv_raw(queue: Any, address: str, nbytes: int, streams: int) -> None:
+    from netloader.sockets import split_address
     from netloader.tensors import host_view
 
-    host, port = address.rsplit(":", 1)
+    host, port = split_address(address)
     memory = Memory()
     start = time.perf_counter()
     buf = torch.empty(nbytes, dtype=torch.uint8)
     view = host_view(buf)
-    conns = [socket.create_connection((host, int(port))) for _ in range(streams)]
+    conns = [socket.create_connection((host, port)) for _ in range(streams)]
 
     def recv(conn: socket.socket, lo: int, hi: int) -> None:
         part = view[lo:hi]

@@ -81,7 +81,7 @@ def pull(
     ``relay``: a started ``Server`` of this process with an entry for ``identity.model`` that
     waits for its weights (``Server(None, identity, ...)``, or ``server.add(None, identity)``
     for another model); it serves every chunk onwards as soon as it landed and was verified,
-    and (with ``discovery``) the first source learns its address and may send this client to
+    and (with ``placement``) the first source learns its address and may send this client to
     peers ahead of it. If the pull fails that entry is withdrawn (the server's other models
     are untouched).
     """

@@ -35,7 +35,7 @@ from netloader.protocol import (
     PullRequest,
     Refuse,
 )
-from netloader.sockets import connect
+from netloader.sockets import connect, split_address
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,13 @@ class Endpoint:
         """``"host:port"`` or ``"[v6]:port"``; ConfigError names the bad value."""
         if not isinstance(source, str):
             raise ConfigError(f"a source must be a 'host:port' string, got {source!r}")
-        host, sep, port = source.strip().rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            raise ConfigError(f"source {source!r} is not 'host:port' with a port in 1..65535")
-        return cls(source, host, int(port))
+        try:
+            host, port = split_address(source)
+        except ValueError:
+            raise ConfigError(
+                f"source {source!r} is not 'host:port' with a port in 1..65535"
+            ) from None
+        return cls(source, host, port)
 
 
 class Control:

@@ -1,9 +1,9 @@
 """Relay wiring: what a pull does for this client's own server, when it relays.
 
 Along the pull: its requests to the first source advertise where that server listens (with
-discovery); once the first source accepted, the server's entry for the model serves every
+relay placement); once the first source accepted, the server's entry for the model serves every
 chunk onwards as soon as it landed and was verified; a source that sends this client to other
-peers (``accept.stay`` false) is followed: its connection is held as the membership until the
+peers (``accept.delivers`` false) is followed: its connection is held as the membership until the
 pull ends; at the end the membership is kept for as long as the server runs, or, if the pull
 failed, the entry is withdrawn.
 """
@@ -31,16 +31,16 @@ class Relaying:
     """This client's relay server (``server``, None when it does not relay or does not listen)
     and its entry for the model pulled (``entry``), which serves what arrives."""
 
-    def __init__(self, server: Server | None, model: str, discovery: bool):
+    def __init__(self, server: Server | None, model: str, placement: bool):
         self.server = server if server is not None and server.address else None
         self.entry: Served | None = self.server.model(model) if self.server is not None else None
-        self.discovery = discovery
+        self.placement = placement
 
     @property
     def advertise(self) -> str | None:
         """The address a member request names, so that the source may send peers here and
-        may send this client to peers ahead of it (None: no relay, or no discovery)."""
-        if self.server is None or not self.discovery:
+        may send this client to peers ahead of it (None: no relay, or no placement)."""
+        if self.server is None or not self.placement:
             return None
         return self.server.address
 
@@ -65,9 +65,9 @@ class Relaying:
 
     def keep_or_close(self, control: Control, *, member: bool, ok: bool) -> None:
         """A relay keeps its membership at a source that registered it (a ``member`` request
-        with discovery), once the pull succeeded (``ok``), for as long as its own server runs;
+        with placement), once the pull succeeded (``ok``), for as long as its own server runs;
         every other connection closes now."""
-        if member and ok and self.server is not None and self.discovery:
+        if member and ok and self.server is not None and self.placement:
             self.server.keep(control.detach())
         else:
             control.close()

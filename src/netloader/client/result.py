@@ -11,7 +11,7 @@ import torch
 class PullResult:
     tensors: dict[str, torch.Tensor]
     #: The source that defined the content: the first in the list that accepted (with
-    #: discovery it may have sent this client to other peers: see ``sources``).
+    #: relay placement it may have sent this client to other peers: see ``sources``).
     source: str
     total_bytes: int
     seconds: float

@@ -7,7 +7,7 @@ Accept. The ``Scheduler`` then keeps up to ``max_sources`` runs (``source.Source
 delivering chunks onto the shared board, each asking for its next chunk whenever it has room,
 so each carries a share in proportion to how fast it delivers. A source that fails costs only
 the chunks it had in flight: they go back to the board, and the next source of the list takes
-its place. Peers the first source names (discovery) go before the rest of the list; if they
+its place. Peers the first source names (relay placement) go before the rest of the list; if they
 all fail, the first source is asked again (``MAX_REJOINS`` times), naming the peers to avoid.
 The pull fails only when no source is left and chunks are still missing; its errors come in
 the order the sources were given.
@@ -139,7 +139,7 @@ class Scheduler:
         """The pull, from the first source's open ``control`` connection and ``accept``."""
         start = time.perf_counter()
         self._start(SourceRun(self.transfer, self.first, member=True, opened=(control, accept)))
-        if not accept.stay:
+        if not accept.delivers:
             self._take_reports()  # the peers it names go before the rest of the list
         self._fill()
         try:
@@ -229,7 +229,7 @@ class Scheduler:
                 run.thread.join()
 
     def _result(self, seconds: float) -> PullResult:
-        fetched = [r for r in self.runs if r.accept is not None and r.accept.stay]
+        fetched = [r for r in self.runs if r.accept is not None and r.accept.delivers]
         delivered = {r.endpoint.text: self.board.delivered[r.endpoint.text] for r in fetched}
         # Transport and streams of the source that delivered most.
         main = max(fetched, key=lambda r: self.board.delivered[r.endpoint.text])

@@ -56,7 +56,7 @@ class SourceRun:
     @property
     def is_member(self) -> bool:
         """Sent elsewhere by this source: it delivers nothing itself."""
-        return self.accept is not None and not self.accept.stay
+        return self.accept is not None and not self.accept.delivers
 
     def abort_handshake(self) -> None:
         """Stop a handshake still running (the board needs nothing more)."""

@@ -33,7 +33,7 @@ class Requests:
     """How to ask a source: the same identity and stream count for every source, the
     transports offered to its host, and, in a member request (to the first source, or asking
     it again), where this client's relay listens (``advertise``, None: it does not relay or
-    discovery is off) and the peers to avoid."""
+    placement is off) and the peers to avoid."""
 
     identity: Identity
     #: The caller's manifest (``into``), which the first source must match.
@@ -59,7 +59,7 @@ class Requests:
             streams=self.streams,
             nonce="",
             advertise=self.advertise if discover else None,
-            discover=discover,
+            placement=discover,
             avoid=list(avoid) if discover else [],
         )
 

@@ -87,8 +87,9 @@ class PullRequest(Message):
     mac: str | None = None
     #: Where the client's own server listens (it relays what it receives), if it has one.
     advertise: str | None = None
-    #: Whether the client wants to be told which peers to pull from (discovery).
-    discover: bool = False
+    #: Whether the client wants to be told which peers to pull from (relay placement); on the
+    #: wire its key is still ``discover``, as in every protocol-2 peer.
+    placement: bool = False
     #: Peers that failed this client: not to be suggested again.
     avoid: list[str] = field(default_factory=list)
 
@@ -103,7 +104,7 @@ class PullRequest(Message):
             "nonce": self.nonce,
             "mac": self.mac,
             "advertise": self.advertise,
-            "discover": self.discover,
+            "discover": self.placement,
             "avoid": self.avoid,
         }
 
@@ -123,7 +124,7 @@ class PullRequest(Message):
             nonce=hex_field(o, "nonce", NONCE_BYTES),
             mac=optional_hex(o, "mac", MAC_BYTES),
             advertise=None if o.get("advertise") is None else address(o["advertise"]),
-            discover=typed(o, "discover", bool),
+            placement=typed(o, "discover", bool),
             avoid=addresses(o, "avoid"),
         )
 
@@ -173,12 +174,13 @@ class Accept(Message):
     digests: list[int] | None
     offer: dict[str, Any] = field(default_factory=dict)
     mac: str | None = None
-    #: Peers the client should pull from (discovery): relays ahead of it that hold the model or
-    #: are receiving it.
+    #: Peers the client should pull from (relay placement): relays ahead of it that hold the
+    #: model or are receiving it.
     peers: list[str] = field(default_factory=list)
     #: Whether this server itself delivers chunks; False: take them from ``peers``, and keep
-    #: this connection open until done (this server then counts the client as a relay).
-    stay: bool = True
+    #: this connection open until done (this server then counts the client as a relay). On the
+    #: wire its key is still ``stay``, as in every protocol-2 peer.
+    delivers: bool = True
     #: Which function made ``digests`` (``digest.DIGEST_KINDS``); absent means XXH3.
     digest: str = XXH3
 
@@ -196,7 +198,7 @@ class Accept(Message):
             "offer": self.offer,
             "mac": self.mac,
             "peers": self.peers,
-            "stay": self.stay,
+            "stay": self.delivers,
             "digest": self.digest,
         }
 
@@ -245,7 +247,7 @@ class Accept(Message):
             offer=offer,
             mac=optional_hex(o, "mac", MAC_BYTES),
             peers=addresses(o, "peers"),
-            stay=typed(o, "stay", bool),
+            delivers=typed(o, "stay", bool),
             digest=kind,
         )
 

@@ -156,7 +156,7 @@ class Dispatcher:
         """Check, place and serve one pull; a relay's connection then stays as its membership."""
         offered = self._offered(conv, request)
         relays = offered.entry.relays
-        relay = request.advertise if request.discover else None
+        relay = request.advertise if request.placement else None
         placement = relays.join(relay, request.avoid) if relay else Placement(here=True)
         session = Session(self.context, conv, offered)
         try:

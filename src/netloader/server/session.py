@@ -133,7 +133,7 @@ class Session:
             offer=offer,
             mac=self.context.gate.proof("pull", request.nonce, self.conv.hello.nonce, self.id),
             peers=list(placement.peers),
-            stay=placement.here,
+            delivers=placement.here,
             digest=snapshot.digest_kind,
         )
 
