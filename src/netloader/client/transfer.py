@@ -50,7 +50,7 @@ class Requests:
         member: bool,
         avoid: Sequence[str] = (),
     ) -> PullRequest:
-        discover = member and self.advertise is not None
+        placed = member and self.advertise is not None  # asks to be placed behind peers
         return PullRequest(
             protocol=PROTOCOL_VERSION,
             identity=self.identity,
@@ -58,9 +58,9 @@ class Requests:
             transports=self.offer.to(endpoint.host),
             streams=self.streams,
             nonce="",
-            advertise=self.advertise if discover else None,
-            placement=discover,
-            avoid=list(avoid) if discover else [],
+            advertise=self.advertise if placed else None,
+            placement=placed,
+            avoid=list(avoid) if placed else [],
         )
 
 
