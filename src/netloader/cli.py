@@ -185,9 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _replica(args: argparse.Namespace, options: ServeOptions, stop: _Stop) -> Server:
     """``serve --from``: listen at once, pull from the sources while relaying what arrives,
     print the pull's line, then serve. A failed pull closes the server and fails the command."""
-    pull_options = settings.from_flags(
-        args, PullOptions(token=options.token), skip=("timeouts.handshake",)
-    )
+    pull_options = _replica_pull_options(args, options.token)
     server = Server(None, _identity(args, pull_options), options).start()
     print(f"listening on {server.address}", flush=True)
     stop.pulling = True
@@ -222,6 +220,12 @@ class _Stop:
 
 def _serve_options(args: argparse.Namespace) -> ServeOptions:
     return settings.from_flags(args, ServeOptions(token=auth.load_token(args.token_file)))
+
+
+def _replica_pull_options(args: argparse.Namespace, token: bytes | None) -> PullOptions:
+    """``serve --from``'s pull: a client's options with the serve flags that apply to it
+    (see ``_REPLICA_FLAGS``); --handshake-timeout is its server's, not its pull's."""
+    return settings.from_flags(args, PullOptions(token=token), skip=("timeouts.handshake",))
 
 
 def _pull_options(args: argparse.Namespace) -> PullOptions:
