@@ -33,10 +33,10 @@ def test_full_config():
     assert cfg.sources_for(0) == ["10.0.0.1:7000", "10.0.0.2:7000"]
     assert cfg.sources_for(1) == ["10.0.0.1:7001"]
     assert cfg.sources_for(2) == []
-    assert (cfg.model, cfg.listen_port, cfg.int8_cache) == ("llama", 7000, "dram")
+    assert (cfg.model, cfg.serve.listen_port, cfg.int8_cache) == ("llama", 7000, "dram")
     assert cfg.draft_model == "llama-draft"
     assert cfg.int8_cache_name == ("mlp", "down_proj")
-    assert cfg.output_prefix == "/tmp/addr_"
+    assert cfg.serve.output_prefix == "/tmp/addr_"
 
 
 def test_limits_and_security_keys():
@@ -51,13 +51,17 @@ def test_limits_and_security_keys():
         }
     )
     assert cfg.token_file == "/etc/netloader/token"
-    assert (cfg.listen_host, cfg.max_clients) == ("0.0.0.0", 8)
-    assert (cfg.connect_timeout, cfg.handshake_timeout, cfg.idle_timeout) == (2, 10.5, 60)
+    serve = cfg.serve_options("10.0.0.1", None)
+    assert (serve.host, serve.limits.max_clients) == ("0.0.0.0", 8)
+    assert (serve.timeouts.handshake, serve.timeouts.idle) == (10.5, 60)
+    pull = cfg.pull_options(None)
+    # The client's handshake clock covers connecting too.
+    assert (pull.timeouts.connect, pull.timeouts.handshake, pull.timeouts.idle) == (2, 12.5, 60)
 
 
 def test_out_of_range_port_is_accepted_here():
     """A port outside 1024..65535 means "no listener" (warned at start), not a config error."""
-    assert NetloaderConfig.parse({"LISTEN_PORT": 80}).listen_port == 80
+    assert NetloaderConfig.parse({"LISTEN_PORT": 80}).serve.listen_port == 80
 
 
 def test_config_file_wins(tmp_path):
@@ -75,7 +79,7 @@ def test_config_file_wins(tmp_path):
     )
     assert cfg.sources_for(0) == ["1.2.3.4:5"]
     assert cfg.model == "f"
-    assert cfg.listen_port == 7000  # inline keys the file does not set stay
+    assert cfg.serve.listen_port == 7000  # inline keys the file does not set stay
 
 
 @pytest.mark.parametrize(
@@ -112,8 +116,8 @@ def test_config_file_wins(tmp_path):
         ({"CONFIG_FILE": "/nonexistent/nl.json"}, ["'/nonexistent/nl.json' cannot be read"]),
         ({"TOKEN_FILE": 1}, ["TOKEN_FILE must be a non-empty string, got 1"]),
         ({"LISTEN_HOST": ""}, ["LISTEN_HOST must be a non-empty string"]),
-        ({"MAX_CLIENTS": 0}, ["MAX_CLIENTS must be a positive integer, got 0"]),
-        ({"MAX_CLIENTS": 2.5}, ["MAX_CLIENTS must be a positive integer, got 2.5"]),
+        ({"MAX_CLIENTS": 0}, ["MAX_CLIENTS must be an integer >= 1, got 0"]),
+        ({"MAX_CLIENTS": 2.5}, ["MAX_CLIENTS must be an integer >= 1, got 2.5"]),
         ({"IDLE_TIMEOUT": -1}, ["IDLE_TIMEOUT must be a positive number of seconds, got -1"]),
         ({"CONNECT_TIMEOUT": "5"}, ["CONNECT_TIMEOUT must be a positive number of seconds"]),
         ({"HANDSHAKE_TIMEOUT": True}, ["HANDSHAKE_TIMEOUT must be a positive number"]),

@@ -20,27 +20,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from netloader import auth
+from netloader import auth, settings
 from netloader.checkpoint import SafetensorsOutput, load_checkpoint
 from netloader.client import PullResult, info, pull
 from netloader.errors import AllSourcesFailed, ConfigError, NetloaderError, PullError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
-from netloader.options import (
-    CLIENT_HANDSHAKE_TIMEOUT,
-    DEFAULT_CHUNK,
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_SOURCES,
-    SERVER_HANDSHAKE_TIMEOUT,
-    Limits,
-    PullHooks,
-    PullOptions,
-    ServeOptions,
-    Timeouts,
-    parse_rate,
-)
-from netloader.plan import MAX_CHUNK, MIN_CHUNK
+from netloader.options import TOKEN_FILE, PullHooks, PullOptions, ServeOptions
+from netloader.rules import size
 from netloader.server import Server
 
 log = logging.getLogger("netloader.cli")
@@ -86,53 +73,6 @@ def _serve_parser(sub: Any) -> None:
         "until SIGINT/SIGTERM",
     )
     serve.add_argument("path", nargs="?", help="a .safetensors file or a folder of them")
-    _replica_args(serve)
-    serve.add_argument("--listen-port", type=int, default=None, help="port (default: a free one)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument(
-        "--model",
-        default=None,
-        help="model name clients must ask for (default: the folder name, or the source's)",
-    )
-    serve.add_argument(
-        "--output-prefix", default=None, help="write the address to PREFIX0.txt once listening"
-    )
-    serve.add_argument(
-        "--max-clients", type=int, default=Limits.max_clients, help="concurrent transfers"
-    )
-    serve.add_argument(
-        "--max-waiting",
-        type=int,
-        default=Limits.max_waiting,
-        help="clients that may queue for a slot; more are refused as busy",
-    )
-    serve.add_argument(
-        "--max-upload-rate",
-        type=_rate,
-        default=None,
-        metavar="RATE",
-        help="send at most this much per second to all clients together, e.g. 100MB/s or "
-        "800Mbit/s (default: no cap)",
-    )
-    serve.add_argument(
-        "--chunk-size",
-        type=_chunk_size,
-        default=DEFAULT_CHUNK,
-        metavar="SIZE",
-        help="with PATH: the unit of scheduling and checking (default 4MiB); smaller chunks "
-        "shorten each relay hop of a fan-out on slow links, larger ones cost less per byte",
-    )
-    serve.add_argument(
-        "--verify-before-send",
-        action="store_true",
-        help="hash every chunk again just before sending it (refuse tensors changed since load)",
-    )
-    _timeout_args(serve, SERVER_HANDSHAKE_TIMEOUT, connect=False)
-    _token_arg(serve)
-    serve.set_defaults(run=_serve)
-
-
-def _replica_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--from",
         dest="sources",
@@ -143,16 +83,20 @@ def _replica_args(serve: argparse.ArgumentParser) -> None:
         "what has arrived, then keep serving it",
     )
     serve.add_argument(
-        "--no-discovery",
-        action="store_true",
-        help="with --from: use only the given sources, never peers they name",
+        "--model",
+        default=None,
+        help="model name clients must ask for (default: the folder name, or the source's)",
     )
-    serve.add_argument(
-        "--max-sources",
-        type=int,
-        default=DEFAULT_MAX_SOURCES,
-        help=f"with --from: sources delivering at once (default {DEFAULT_MAX_SOURCES})",
-    )
+    settings.add_flags(serve, ServeOptions())
+    settings.add_flags(serve, PullOptions(), only=_REPLICA_FLAGS, prefix="with --from: ")
+    _token_arg(serve)
+    serve.set_defaults(run=_serve)
+
+
+#: The client's settings ``serve --from`` takes for its pull, besides --idle-timeout, which it
+#: shares with its server. Its pull keeps the client's handshake timeout (60 s), however
+#: --handshake-timeout (the server's) is set.
+_REPLICA_FLAGS = ("max_sources", "placement")
 
 
 def _pull_parser(sub: Any) -> None:
@@ -170,19 +114,8 @@ def _pull_parser(sub: Any) -> None:
         "--out", default=None, help="write DIR/model.safetensors (default: only measure)"
     )
     pull_.add_argument("--model", default=None, help="refuse a server that serves another model")
-    pull_.add_argument(
-        "--streams",
-        type=int,
-        default=None,
-        help="parallel TCP streams per source (default: per core, 2..8)",
-    )
-    pull_.add_argument(
-        "--max-sources",
-        type=int,
-        default=DEFAULT_MAX_SOURCES,
-        help=f"sources delivering at once; the rest stand by (default {DEFAULT_MAX_SOURCES})",
-    )
-    _timeout_args(pull_, CLIENT_HANDSHAKE_TIMEOUT, connect=True)
+    # `netloader pull` does not relay, so no source places it: no --no-placement.
+    settings.add_flags(pull_, PullOptions(), skip=("placement",))
     _token_arg(pull_)
     pull_.set_defaults(run=_pull)
 
@@ -190,9 +123,7 @@ def _pull_parser(sub: Any) -> None:
 def _info_parser(sub: Any) -> None:
     info_ = sub.add_parser("info", help="print what a server serves, as JSON; no weights move")
     info_.add_argument("source", help="HOST:PORT")
-    info_.add_argument(
-        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
-    )
+    settings.add_flags(info_, PullOptions(), only=("timeouts.connect",))
     _token_arg(info_)
     info_.set_defaults(run=_info)
 
@@ -214,68 +145,22 @@ def _bench_parser(sub: Any) -> None:
     bench.set_defaults(run=_bench)
 
 
-def _timeout_args(parser: argparse.ArgumentParser, handshake: float, *, connect: bool) -> None:
-    if connect:
-        parser.add_argument(
-            "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds"
-        )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=handshake,
-        help="seconds for a whole handshake, queueing included",
-    )
-    parser.add_argument(
-        "--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, help="seconds without progress"
-    )
+_AT_LEAST_1MIB = size(1 << 20)
 
 
 def parse_size(text: str) -> int:
     """A byte count like ``1GiB``, ``256MiB`` or ``1.5GB`` (at least 1 MiB), for argparse."""
-    value = _bytes(text)
-    if value < 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small; use at least 1MiB")
-    return value
-
-
-def _chunk_size(text: str) -> int:
-    value = _bytes(text)
-    if not MIN_CHUNK <= value <= MAX_CHUNK:
-        raise argparse.ArgumentTypeError(
-            f"--chunk-size {text!r} is outside {MIN_CHUNK >> 10}KiB..{MAX_CHUNK >> 20}MiB"
-        )
-    return value
-
-
-def _bytes(text: str) -> int:
-    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
-    lowered = text.strip().lower()
-    unit = next((u for u in units if lowered.endswith(u)), None)
-    number, factor = (lowered.removesuffix(unit), units[unit]) if unit else (lowered, 1)
     try:
-        return int(float(number) * factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1GiB or 256MiB") from None
-
-
-def _rate(text: str) -> float:
-    try:
-        return parse_rate(text, "--max-upload-rate")
+        return _AT_LEAST_1MIB.check("size", text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _token_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--token-file",
-        default=None,
-        help=f"shared secret for authentication (or set {auth.TOKEN_ENV})",
-    )
+    settings.add_flag(parser, "token_file", TOKEN_FILE, None, keep=None)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.listen_port is not None and not 1024 <= args.listen_port <= 65535:
-        raise ConfigError(f"--listen-port {args.listen_port} is outside 1024..65535")
     if (args.path is None) == (not args.sources):
         raise ConfigError("give either a checkpoint PATH to serve or --from SOURCE, not both")
     options = _serve_options(args)
@@ -300,12 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _replica(args: argparse.Namespace, options: ServeOptions, stop: _Stop) -> Server:
     """``serve --from``: listen at once, pull from the sources while relaying what arrives,
     print the pull's line, then serve. A failed pull closes the server and fails the command."""
-    pull_options = PullOptions(
-        token=options.token,
-        timeouts=Timeouts(idle=args.idle_timeout),
-        max_sources=args.max_sources,
-        discovery=not args.no_discovery,
-    )
+    pull_options = _replica_pull_options(args, options.token)
     server = Server(None, _identity(args, pull_options), options).start()
     print(f"listening on {server.address}", flush=True)
     stop.pulling = True
@@ -339,23 +219,22 @@ class _Stop:
 
 
 def _serve_options(args: argparse.Namespace) -> ServeOptions:
-    return ServeOptions(
-        host=args.host,
-        listen_port=args.listen_port,
-        output_prefix=args.output_prefix,
-        token=auth.load_token(args.token_file),
-        limits=Limits(max_clients=args.max_clients, max_waiting=args.max_waiting),
-        timeouts=Timeouts(handshake=args.handshake_timeout, idle=args.idle_timeout),
-        verify_before_send=args.verify_before_send,
-        max_upload_rate=args.max_upload_rate,
-        chunk_size=args.chunk_size,
-    )
+    return settings.from_flags(args, ServeOptions(token=auth.load_token(args.token_file)))
+
+
+def _replica_pull_options(args: argparse.Namespace, token: bytes | None) -> PullOptions:
+    """``serve --from``'s pull: a client's options with the serve flags that apply to it
+    (see ``_REPLICA_FLAGS``); --handshake-timeout is its server's, not its pull's."""
+    return settings.from_flags(args, PullOptions(token=token), skip=("timeouts.handshake",))
+
+
+def _pull_options(args: argparse.Namespace) -> PullOptions:
+    return settings.from_flags(args, PullOptions(token=auth.load_token(args.token_file)))
 
 
 def _info(args: argparse.Namespace) -> int:
-    reply = info(
-        args.source, token=auth.load_token(args.token_file), connect_timeout=args.connect_timeout
-    )
+    options = _pull_options(args)
+    reply = info(args.source, token=options.token, connect_timeout=options.timeouts.connect)
     ident = reply.identity
     print(
         json.dumps(
@@ -403,14 +282,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    options = PullOptions(
-        token=auth.load_token(args.token_file),
-        streams=args.streams,
-        timeouts=Timeouts(
-            connect=args.connect_timeout, handshake=args.handshake_timeout, idle=args.idle_timeout
-        ),
-        max_sources=args.max_sources,
-    )
+    options = _pull_options(args)
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} exists and is not a directory")

@@ -1,21 +1,25 @@
 """Settings, grouped in small frozen objects the way httpx groups ``Timeout`` and ``Limits``.
 
 They are built once (from command-line flags, the vLLM config, or a caller's keywords) and passed
-down whole, so adding a setting touches the object and the place that reads it, nothing between.
-Every value is checked when the object is made; a bad one raises ConfigError naming it.
+down whole. Each field declares its setting once (``netloader.settings``: help, rule, flag, vLLM
+key), and the command line and the vLLM config are built from those declarations, so adding a
+setting touches its field and the place that reads it. Every value is checked when the object is
+made, by the field's rule; a bad one raises ConfigError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from netloader.errors import ConfigError, check_int, check_seconds
+from netloader.auth import TOKEN_ENV
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
+from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, integer, optional, size
+from netloader.rules import parse_rate as parse_rate  # its former home: importers keep working
+from netloader.settings import SETTING, Group, Setting, check_fields, declared
 
 if TYPE_CHECKING:
     import torch
@@ -40,20 +44,52 @@ MAX_DEFAULT_STREAMS = 8
 DEFAULT_MAX_SOURCES = 4
 
 
+#: Given as a file, never as a value: the CLI's ``--token-file`` and vLLM's ``TOKEN_FILE``.
+TOKEN_FILE = Setting(
+    f"file holding a shared secret (at least 16 bytes); peers must prove they know it (or set "
+    f"{TOKEN_ENV})",
+    optional(TEXT),
+    flag="--token-file",
+    key="TOKEN_FILE",
+)
+_TOKEN = Setting(
+    "the shared secret itself",
+    no_flag="a secret stays off the command line: --token-file or NETLOADER_TOKEN",
+    no_key="a secret stays out of the vLLM config: TOKEN_FILE or NETLOADER_TOKEN",
+)
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds to connect, for a whole handshake, and without a completed chunk (idle)."""
 
-    connect: float = DEFAULT_CONNECT_TIMEOUT
-    handshake: float = CLIENT_HANDSHAKE_TIMEOUT
-    idle: float = DEFAULT_IDLE_TIMEOUT
+    connect: float = declared(
+        DEFAULT_CONNECT_TIMEOUT,
+        Setting("seconds to connect to a source", SECONDS, "--connect-timeout", "CONNECT_TIMEOUT"),
+    )
+    handshake: float = declared(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        Setting(
+            "seconds for a whole handshake, queueing for a slot included",
+            SECONDS,
+            "--handshake-timeout",
+            "HANDSHAKE_TIMEOUT",
+            note="defaults differ: a server gives 30 s, a client (pull) waits 60 s; in vLLM it "
+            "is the server's, and a vLLM client waits HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT",
+        ),
+    )
+    idle: float = declared(
+        DEFAULT_IDLE_TIMEOUT,
+        Setting(
+            "seconds a transfer may go without completing a chunk",
+            SECONDS,
+            "--idle-timeout",
+            "IDLE_TIMEOUT",
+        ),
+    )
 
     def __post_init__(self) -> None:
-        check_seconds(
-            connect_timeout=self.connect,
-            handshake_timeout=self.handshake,
-            idle_timeout=self.idle,
-        )
+        check_fields(self, suffix="_timeout")
 
 
 #: A server's defaults: it gives a handshake half the time a client waits for one.
@@ -64,78 +100,218 @@ SERVER_TIMEOUTS = Timeouts(handshake=SERVER_HANDSHAKE_TIMEOUT)
 class Limits:
     """What one server runs at once: transfers, clients queued for one, streams per transfer."""
 
-    max_clients: int = 4
-    max_waiting: int = 32
-    max_streams: int = 8
+    max_clients: int = declared(
+        4,
+        Setting(
+            "transfers a server runs at once; further clients queue for a slot",
+            integer(1),
+            "--max-clients",
+            "MAX_CLIENTS",
+        ),
+    )
+    max_waiting: int = declared(
+        32,
+        Setting(
+            "clients that may queue for a slot; more are refused as busy",
+            integer(0),
+            "--max-waiting",
+            "MAX_WAITING",
+        ),
+    )
+    max_streams: int = declared(
+        8,
+        Setting(
+            "the most parallel streams a server grants one transfer",
+            integer(1, MAX_STREAMS),
+            "--max-streams",
+            "MAX_STREAMS",
+        ),
+    )
 
     def __post_init__(self) -> None:
-        check_int("max_clients", self.max_clients, 1)
-        check_int("max_waiting", self.max_waiting, 0)
-        check_int("max_streams", self.max_streams, 1)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """How a server listens and whom it serves.
+    """How a server listens and whom it serves (each field's declaration says what it means).
 
     ``listen_port`` is a base port: the server listens on ``listen_port + rank``; None lets the
-    OS choose. ``output_prefix``: write the address to ``{output_prefix}{rank}.txt``.
-    ``verify_before_send``: hash every chunk again just before sending it. ``cuda_ipc``: let
-    clients on this host map the served CUDA tensors (read-write: see ``transport.cuda_ipc``).
+    OS choose. ``cuda_ipc`` lets clients on this host map the served CUDA tensors, read-write:
+    see ``transport.cuda_ipc``.
     """
 
-    host: str = "127.0.0.1"
-    listen_port: int | None = None
-    output_prefix: str | None = None
-    token: bytes | None = field(default=None, repr=False)
-    limits: Limits = Limits()
-    timeouts: Timeouts = SERVER_TIMEOUTS
-    chunk_size: int = DEFAULT_CHUNK
-    verify_before_send: bool = False
-    #: Bytes per second this server sends at most, to all its clients together (None: no cap).
-    max_upload_rate: float | None = None
-    #: Offer the ``cuda_ipc`` transport to clients on this host (CUDA tensors only).
-    cuda_ipc: bool = True
+    host: str = declared(
+        "127.0.0.1",
+        Setting(
+            "address the server binds to",
+            TEXT,
+            "--host",
+            no_key="vLLM's LISTEN_HOST (NetloaderConfig.listen_host): its default is vLLM's "
+            "host address, not 127.0.0.1",
+        ),
+    )
+    listen_port: int | None = declared(
+        None,
+        Setting(
+            "base port: each rank listens on it + its rank",
+            optional(integer()),
+            "--listen-port",
+            "LISTEN_PORT",
+            cli_rule=dataclasses.replace(integer(1024, 65535), metavar="PORT"),
+            unset="a free port chosen by the OS",
+            note="a port outside 1024..65535 is an error on the command line; in vLLM that "
+            "worker opens no listener (a warning says so)",
+        ),
+    )
+    output_prefix: str | None = declared(
+        None,
+        Setting(
+            "once listening, each rank writes {OUTPUT_PREFIX}{rank}.txt holding IP:port",
+            optional(TEXT),
+            "--output-prefix",
+            "OUTPUT_PREFIX",
+            cli_help="once listening, write the address to OUTPUT_PREFIX0.txt",
+        ),
+    )
+    token: bytes | None = declared(None, _TOKEN, repr=False)
+    limits: Limits = declared(Limits(), Group())  # noqa: RUF009 (frozen: sharing it is safe)
+    timeouts: Timeouts = declared(  # noqa: RUF009 (frozen: sharing it is safe)
+        SERVER_TIMEOUTS, Group(skip={"connect": "a server never connects"})
+    )
+    chunk_size: int = declared(
+        DEFAULT_CHUNK,
+        Setting(
+            "bytes per chunk the server cuts its weights into, the unit of scheduling and "
+            "checking; smaller chunks shorten each relay hop on slow links, larger ones cost "
+            "less per byte",
+            size(MIN_CHUNK, MAX_CHUNK),
+            "--chunk-size",
+            "CHUNK_SIZE",
+        ),
+    )
+    verify_before_send: bool = declared(
+        False,
+        Setting(
+            "hash every chunk again just before sending it (refuse tensors changed since load)",
+            FLAG,
+            "--verify-before-send",
+            "VERIFY_BEFORE_SEND",
+        ),
+    )
+    max_upload_rate: float | None = declared(
+        None,
+        Setting(
+            "bytes/s the server sends at most, to all its clients together: a number or a "
+            "string like 100MB/s or 800Mbit/s",
+            optional(RATE),
+            "--max-upload-rate",
+            "MAX_UPLOAD_RATE",
+            unset="no cap",
+        ),
+    )
+    cuda_ipc: bool = declared(
+        True,
+        Setting(
+            "offer the cuda_ipc transport to clients on this host (CUDA tensors only; they map "
+            "the served tensors, read-write)",
+            FLAG,
+            "--no-cuda-ipc",
+            "CUDA_IPC",
+            cli_help="never offer the cuda_ipc transport (clients on this host would map the "
+            "served CUDA tensors, read-write)",
+        ),
+    )
 
     def __post_init__(self) -> None:
-        if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
-            raise ConfigError(f"chunk_size {self.chunk_size} is outside {MIN_CHUNK}..{MAX_CHUNK}")
-        rate = self.max_upload_rate
-        if rate is not None and (
-            isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
-        ):
-            raise ConfigError(f"max_upload_rate must be a positive number of bytes/s, got {rate!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class PullOptions:
-    """How a client pulls: token, streams, transports it offers, timeouts, size bound, checks.
+    """How a client pulls: token, streams, transports it offers, timeouts, size bound, checks
+    (each field's declaration says what it means).
 
-    ``streams``: parallel TCP streams (None: one per usable core, 2 to 8). ``transports``: names
-    to offer, best first (None: the best for the destination's device, then TCP). ``max_bytes``:
-    the most a pull into fresh tensors may allocate (None: this machine's memory for CPU).
-    ``verify``: check every chunk against the server's digests. ``max_sources``: how many of
-    the given sources deliver chunks at once (the others stand by, in order, for one that fails).
-    ``discovery``: a client that relays (``pull(relay=...)``) tells its first source where it
-    listens and takes the peers that source names; off, it uses only the listed sources.
+    ``placement``: a client that relays (``pull(relay=...)``) tells its first source where it
+    listens, and that source may place it behind peers ahead of it (relays); off, it takes
+    chunks only from the listed sources. It was called ``discovery``: ``discovery=`` still
+    works as a keyword, and ``options.discovery`` reads it.
     """
 
-    token: bytes | None = field(default=None, repr=False)
-    streams: int | None = None
-    transports: tuple[str, ...] | None = None
-    timeouts: Timeouts = Timeouts()
-    max_bytes: int | None = None
-    verify: bool = True
-    max_sources: int = DEFAULT_MAX_SOURCES
-    #: Let the first source say which peers (relays ahead in its chain) to pull from.
-    discovery: bool = True
+    token: bytes | None = declared(None, _TOKEN, repr=False)
+    streams: int | None = declared(
+        None,
+        Setting(
+            "parallel TCP streams per source",
+            optional(integer(1, MAX_STREAMS)),
+            "--streams",
+            "STREAMS",
+            unset="one per usable core, 2..8",
+        ),
+    )
+    transports: tuple[str, ...] | None = declared(
+        None,
+        Setting(
+            "transports to offer, best first (default: the best for the destination's device, "
+            "then TCP)",
+            optional(NAMES),
+            no_flag="which transports fit depends on where the tensors land, which the caller "
+            "knows: the command line always offers the default",
+            no_key="vLLM's workers offer the default, the best for their device",
+        ),
+    )
+    timeouts: Timeouts = declared(Timeouts(), Group())  # noqa: RUF009 (frozen: sharing it is safe)
+    max_bytes: int | None = declared(
+        None,
+        Setting(
+            "the most a pull into fresh tensors may allocate",
+            optional(size(1)),
+            "--max-bytes",
+            no_key="a vLLM worker pulls into its model's own tensors and allocates nothing",
+            unset="this machine's memory",
+        ),
+    )
+    verify: bool = declared(
+        True,
+        Setting(
+            "check every chunk against the server's digests",
+            FLAG,
+            "--no-verify",
+            "VERIFY",
+            cli_help="do not check chunks against the server's digests (only for measuring)",
+        ),
+    )
+    max_sources: int = declared(
+        DEFAULT_MAX_SOURCES,
+        Setting(
+            "sources delivering chunks at once; the others stand by, in order, for one that fails",
+            integer(1),
+            "--max-sources",
+            "MAX_SOURCES",
+        ),
+    )
+    placement: bool = declared(
+        True,
+        Setting(
+            "true: the first source may place this relaying client behind peers ahead of it "
+            "(relays) instead of serving it itself; false: take chunks only from the given "
+            "sources",
+            FLAG,
+            "--no-placement",
+            "PLACEMENT",
+            formerly=("--no-discovery", "DISCOVERY", "discovery"),
+            cli_help="take chunks only from the given sources, never from peers the first one "
+            "places this replica behind",
+        ),
+    )
 
     def __post_init__(self) -> None:
-        if self.streams is not None and not 1 <= self.streams <= MAX_STREAMS:
-            raise ConfigError(f"streams must be in 1..{MAX_STREAMS}, got {self.streams}")
-        check_int("max_sources", self.max_sources, 1)
-        if self.transports is not None:
-            object.__setattr__(self, "transports", tuple(self.transports))
+        check_fields(self)
+
+    @property
+    def discovery(self) -> bool:
+        """The old name of ``placement``, read by code not yet moved to it."""
+        return self.placement
 
     def stream_count(self) -> int:
         return self.streams or default_streams()
@@ -161,46 +337,13 @@ def default_streams() -> int:
     return max(2, min(MAX_DEFAULT_STREAMS, len(os.sched_getaffinity(0))))
 
 
-_RATE_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "bit": 1 / 8,
-    "kbit": 10**3 / 8,
-    "mbit": 10**6 / 8,
-    "gbit": 10**9 / 8,
-}
-
-
-def parse_rate(value: object, name: str = "rate") -> float:
-    """Bytes per second from a number (bytes/s) or a string such as ``100MB/s``, ``800Mbit``,
-    ``1.5GiB/s``. ConfigError names the bad value and what is allowed."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
-        return float(value)
-    text = value.strip().lower().removesuffix("/s") if isinstance(value, str) else ""
-    unit = next((u for u in sorted(_RATE_UNITS, key=len, reverse=True) if text.endswith(u)), "")
-    try:
-        rate = float(text.removesuffix(unit)) * _RATE_UNITS.get(unit, 1)
-    except ValueError:
-        rate = 0.0
-    if not 0 < rate < math.inf:
-        raise ConfigError(
-            f"{name} = {value!r} is not a rate; give bytes per second as a number, or a string "
-            f"like 100MB/s, 800Mbit/s or 1GiB/s (units: {', '.join(_RATE_UNITS)})"
-        )
-    return rate
-
-
 T = TypeVar("T")
 
 
 def with_keywords(options: T, keywords: Mapping[str, Any]) -> T:
-    """``options`` with flat keyword settings applied: a field's own name, a ``Timeouts`` field
-    as ``<name>_timeout`` (``idle_timeout``), or a field of a nested ``Limits``/``PullHooks``.
+    """``options`` with flat keyword settings applied: a field's own name (or a former name its
+    declaration keeps, ``discovery=``), a ``Timeouts`` field as ``<name>_timeout``
+    (``idle_timeout``), or a field of a nested ``Limits``/``PullHooks``.
 
     This is how ``Server(..., max_clients=2)`` and ``pull(..., idle_timeout=5)`` keep working
     beside the option objects. An unknown name is a TypeError, as for any function.
@@ -208,7 +351,9 @@ def with_keywords(options: T, keywords: Mapping[str, Any]) -> T:
     direct: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     names = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    former = _former_keywords(options)
     for key, value in keywords.items():
+        key = former.get(key, key)
         if key in names:
             direct[key] = value
             continue
@@ -219,6 +364,17 @@ def with_keywords(options: T, keywords: Mapping[str, Any]) -> T:
     for name, values in nested.items():
         direct[name] = dataclasses.replace(direct.get(name, getattr(options, name)), **values)
     return dataclasses.replace(options, **direct)  # type: ignore[type-var]
+
+
+def _former_keywords(options: Any) -> dict[str, str]:
+    """Old keyword -> field, from the fields' declarations (``discovery`` -> ``placement``)."""
+    return {
+        old: f.name
+        for f in dataclasses.fields(options)
+        if isinstance(setting := f.metadata.get(SETTING), Setting)
+        for old in setting.formerly
+        if old.isidentifier() and not old.isupper()
+    }
 
 
 def _nested_owner(options: Any, key: str) -> tuple[str, str] | None:
