@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from netloader.auth import TOKEN_ENV
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
+from netloader.protocol.fields import MAX_STREAMS
 from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, integer, optional, size
 from netloader.rules import parse_rate as parse_rate  # its former home: importers keep working
 from netloader.settings import SETTING, Group, Setting, check_fields, declared
@@ -37,7 +38,6 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 # 4 MiB: a chunk is still in the CPU cache when it is hashed right after landing. XXH3 measured
 # on the development machine: 47 GB/s on a cache-resident 4 MiB buffer, 14 GB/s on 16 MiB.
 DEFAULT_CHUNK = 4 << 20
-MAX_STREAMS = 64
 MAX_DEFAULT_STREAMS = 8
 #: Sources a client takes chunks from at once. Four saturate a client's downlink when each
 #: source's uplink carries a quarter of it, without opening more connections than that pays.
@@ -310,7 +310,7 @@ class PullOptions:
 
     @property
     def discovery(self) -> bool:
-        """The old name of ``placement``, read by code not yet moved to it."""
+        """The old name of ``placement``."""
         return self.placement
 
     def stream_count(self) -> int:

@@ -102,7 +102,7 @@ def pull(
         )
     if into:
         device = device_of(into)
-    relaying = Relaying(relay, identity.model, options.discovery)
+    relaying = Relaying(relay, identity.model, options.placement)
     requests = Requests(
         identity=identity,
         manifest=Manifest.of(into) if into is not None else None,
