@@ -236,3 +236,16 @@ def test_a_failing_subscriber_does_not_stop_a_pull(seen, caplog):
         unsubscribe()
     assert "subscriber bug" in caplog.text
     assert of(ev.TransferDone, seen)
+
+
+def test_a_broken_transfer_is_a_failed_transfer_done(seen):
+    """A client that leaves after its Accept, without attaching a stream."""
+    from helpers import RawClient
+
+    with in_process_server(all_cases(), IDENT) as server:
+        client = RawClient(server.address)
+        assert client.request_pull(IDENT).kind == "accept"
+        client.close()
+        ev_wait(seen, ev.TransferDone)
+    (done,) = of(ev.TransferDone, seen)
+    assert not done.ok and done.nbytes == 0

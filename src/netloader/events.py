@@ -77,7 +77,8 @@ class ChunkReceived(Event):
 
 @dataclass(frozen=True)
 class TransferDone(Event):
-    """A server's transfer of ``model`` to ``peer`` ended; ``ok``: the client verified it."""
+    """A server's transfer of ``model`` to ``peer`` ended; ``ok``: the client verified it
+    (False: the client reported a failure, or the transfer broke; ``nbytes`` were sent)."""
 
     model: str
     rank: int

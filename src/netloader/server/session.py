@@ -109,6 +109,7 @@ class Session:
             start = time.perf_counter()
             if self._send():
                 return self._conclude(time.perf_counter() - start)
+            self._emit_done(time.perf_counter() - start, ok=False)
             return None
         finally:
             self.abort()
@@ -162,14 +163,18 @@ class Session:
             self.entry.transfers.add()
         else:
             self.entry.integrity.client_failed(self.conv.peer, done)
+        self._emit_done(seconds, ok=done.ok)
+        return done
+
+    def _emit_done(self, seconds: float, *, ok: bool) -> None:
+        """The transfer ended: verified by the client (``ok``), or failed or broken."""
         ident = self.entry.identity
         events.emit(
             events.TransferDone(
                 *(ident.model, ident.rank, self.conv.peer, self.out.sent, seconds),
-                *(self.engine.name, self.out.streams, done.ok),
+                *(self.engine.name, self.out.streams, ok),
             )
         )
-        return done
 
     def _verdict_of_a_relay(self) -> Done | None:
         """A relay sent to other peers pulls for as long as it takes: its verdict is awaited
