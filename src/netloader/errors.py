@@ -45,12 +45,6 @@ def check_seconds(**values: object) -> None:
             raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-def check_int(name: str, value: object, low: int) -> None:
-    """Raise ConfigError unless ``value`` is an int (not a bool) of at least ``low``."""
-    if type(value) is not int or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 class Refusal(NetloaderError):
     """A server's no to one request: a ``Code`` and a reason for people. Raised by whichever
     check fails (token, model, manifest, transport, slots, ...) and turned into the peer's
