@@ -4,6 +4,7 @@ as events. Real servers and clients over loopback."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from helpers import all_cases, assert_same, in_process_server, zeros_like_all
+from helpers import RawClient, all_cases, assert_same, in_process_server, wait_for, zeros_like_all
 
 from netloader import Identity, Refused, pull
 from netloader import events as ev
-from netloader.protocol import MESSAGES, OFFER_LIMITS, Channel, Message
+from netloader.errors import ProtocolError
+from netloader.protocol import MESSAGES, OFFER_LIMITS, Accept, Channel, Message, decode
 from netloader.protocol.fields import text
 from netloader.snapshot import Snapshot
 from netloader.transport import ENGINES, Engine, Incoming, Outgoing, Sending, register
@@ -116,9 +118,6 @@ def test_a_new_transport_is_one_module_and_one_registration(greeting_engine):
 def test_another_transport_keeps_the_default_offer_bound(greeting_engine):
     """The large offer is allowed for its own transport only: an Accept naming TCP with it
     is refused by the client's decoder."""
-    from netloader.errors import ProtocolError
-    from netloader.protocol import decode
-
     accept = {
         "kind": "accept",
         "session": "00" * 16,
@@ -133,11 +132,9 @@ def test_another_transport_keeps_the_default_offer_bound(greeting_engine):
         "peers": [],
         "stay": True,
     }
-    from netloader.protocol import Accept
-
-    body = __import__("json").dumps({**accept, "transport": "test_greeting"}).encode()
+    body = json.dumps({**accept, "transport": "test_greeting"}).encode()
     assert decode(body, (Accept,)).offer == BIG_OFFER
-    body = __import__("json").dumps({**accept, "transport": "tcp"}).encode()
+    body = json.dumps({**accept, "transport": "tcp"}).encode()
     with pytest.raises(ProtocolError, match="offer"):
         decode(body, (Accept,))
 
@@ -202,8 +199,6 @@ def test_a_refusal_is_an_event_with_its_code(seen):
 
 def test_a_client_waiting_for_a_slot_is_an_event(seen):
     """One slot, held by a client that stalls after its Accept; the second client queues."""
-    from helpers import RawClient
-
     tensors = all_cases()
     with in_process_server(tensors, IDENT, max_clients=1, handshake_timeout=10) as server:
         holder = RawClient(server.address)
@@ -218,8 +213,6 @@ def test_a_client_waiting_for_a_slot_is_an_event(seen):
 
 
 def ev_wait(seen: list[ev.Event], kind: type, timeout: float = 10.0) -> None:
-    from helpers import wait_for
-
     wait_for(lambda: of(kind, seen), timeout, f"a {kind.__name__} event")
 
 
@@ -240,8 +233,6 @@ def test_a_failing_subscriber_does_not_stop_a_pull(seen, caplog):
 
 def test_a_broken_transfer_is_a_failed_transfer_done(seen):
     """A client that leaves after its Accept, without attaching a stream."""
-    from helpers import RawClient
-
     with in_process_server(all_cases(), IDENT) as server:
         client = RawClient(server.address)
         assert client.request_pull(IDENT).kind == "accept"
