@@ -13,14 +13,15 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
 from netloader.auth import TOKEN_ENV
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
 from netloader.protocol.fields import MAX_STREAMS
 from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, integer, optional, size
 from netloader.rules import parse_rate as parse_rate  # its former home: importers keep working
-from netloader.settings import SETTING, Group, Setting, check_fields, declared
+from netloader.settings import Group, Setting, check_fields, declared
+from netloader.settings import with_keywords as with_keywords  # its former home
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,9 @@ _TOKEN = Setting(
 class Timeouts:
     """Seconds to connect, for a whole handshake, and without a completed chunk (idle)."""
 
+    #: Flat keywords and errors name these fields ``<name>_timeout`` (``idle_timeout``).
+    keyword_suffix: ClassVar[str] = "_timeout"
+
     connect: float = declared(
         DEFAULT_CONNECT_TIMEOUT,
         Setting("seconds to connect to a source", SECONDS, "--connect-timeout", "CONNECT_TIMEOUT"),
@@ -89,7 +93,7 @@ class Timeouts:
     )
 
     def __post_init__(self) -> None:
-        check_fields(self, suffix="_timeout")
+        check_fields(self, suffix=self.keyword_suffix)
 
 
 #: A server's defaults: it gives a handshake half the time a client waits for one.
@@ -335,58 +339,3 @@ def default_streams() -> int:
     streams than cores still help to fill a fat link. The server caps it by the chunk count.
     """
     return max(2, min(MAX_DEFAULT_STREAMS, len(os.sched_getaffinity(0))))
-
-
-T = TypeVar("T")
-
-
-def with_keywords(options: T, keywords: Mapping[str, Any]) -> T:
-    """``options`` with flat keyword settings applied: a field's own name (or a former name its
-    declaration keeps, ``discovery=``), a ``Timeouts`` field as ``<name>_timeout``
-    (``idle_timeout``), or a field of a nested ``Limits``/``PullHooks``.
-
-    This is how ``Server(..., max_clients=2)`` and ``pull(..., idle_timeout=5)`` keep working
-    beside the option objects. An unknown name is a TypeError, as for any function.
-    """
-    direct: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
-    names = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
-    former = _former_keywords(options)
-    for key, value in keywords.items():
-        key = former.get(key, key)
-        if key in names:
-            direct[key] = value
-            continue
-        owner = _nested_owner(options, key)
-        if owner is None:
-            raise TypeError(f"unexpected keyword argument {key!r}")
-        nested.setdefault(owner[0], {})[owner[1]] = value
-    for name, values in nested.items():
-        direct[name] = dataclasses.replace(direct.get(name, getattr(options, name)), **values)
-    return dataclasses.replace(options, **direct)  # type: ignore[type-var]
-
-
-def _former_keywords(options: Any) -> dict[str, str]:
-    """Old keyword -> field, from the fields' declarations (``discovery`` -> ``placement``)."""
-    return {
-        old: f.name
-        for f in dataclasses.fields(options)
-        if isinstance(setting := f.metadata.get(SETTING), Setting)
-        for old in setting.formerly
-        if old.isidentifier() and not old.isupper()
-    }
-
-
-def _nested_owner(options: Any, key: str) -> tuple[str, str] | None:
-    """(field of ``options``, field inside it) that the flat name ``key`` stands for."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if not dataclasses.is_dataclass(value):
-            continue
-        inner = {g.name for g in dataclasses.fields(value)}
-        if isinstance(value, Timeouts) and key.endswith("_timeout"):
-            if key.removesuffix("_timeout") in inner:
-                return f.name, key.removesuffix("_timeout")
-        elif key in inner:
-            return f.name, key
-    return None

@@ -258,3 +258,56 @@ def _renamed(values: Mapping[str, Any], former: Mapping[str, str]) -> dict[str, 
                 raise ConfigError(f"give {new} or its old name {old}, not both")
             out[new] = out.pop(old)
     return out
+
+
+def with_keywords(options: T, keywords: Mapping[str, Any]) -> T:
+    """``options`` with flat keyword settings applied: a field's own name (or a former name its
+    declaration keeps, ``discovery=``), a field of a nested object with a ``keyword_suffix`` as ``<name><suffix>``: a ``Timeouts`` field as ``<name>_timeout``
+    (``idle_timeout``), or a field of a nested ``Limits``/``PullHooks``.
+
+    This is how ``Server(..., max_clients=2)`` and ``pull(..., idle_timeout=5)`` keep working
+    beside the option objects. An unknown name is a TypeError, as for any function.
+    """
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    names = {f.name for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    former = _former_keywords(options)
+    for key, value in keywords.items():
+        key = former.get(key, key)
+        if key in names:
+            direct[key] = value
+            continue
+        owner = _nested_owner(options, key)
+        if owner is None:
+            raise TypeError(f"unexpected keyword argument {key!r}")
+        nested.setdefault(owner[0], {})[owner[1]] = value
+    for name, values in nested.items():
+        direct[name] = dataclasses.replace(direct.get(name, getattr(options, name)), **values)
+    return dataclasses.replace(options, **direct)  # type: ignore[type-var]
+
+
+def _former_keywords(options: Any) -> dict[str, str]:
+    """Old keyword -> field, from the fields' declarations (``discovery`` -> ``placement``)."""
+    return {
+        old: f.name
+        for f in dataclasses.fields(options)
+        if isinstance(setting := f.metadata.get(SETTING), Setting)
+        for old in setting.formerly
+        if old.isidentifier() and not old.isupper()
+    }
+
+
+def _nested_owner(options: Any, key: str) -> tuple[str, str] | None:
+    """(field of ``options``, field inside it) that the flat name ``key`` stands for."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        inner = {g.name for g in dataclasses.fields(value)}
+        suffix = getattr(value, "keyword_suffix", "")
+        if suffix and key.endswith(suffix):
+            if key.removesuffix(suffix) in inner:
+                return f.name, key.removesuffix(suffix)
+        elif key in inner:
+            return f.name, key
+    return None
