@@ -62,8 +62,12 @@ class Acceptance:
         return self.drafted > 0 and self.accepted == self.drafted
 
 
-def vllm_env(tp: int = 1) -> dict[str, str]:
+def vllm_env(tp: int = 1, cache_root: Path | None = None) -> dict[str, str]:
+    """The environment of a vLLM child; ``cache_root``: its own VLLM_CACHE_ROOT (where its
+    compile cache goes)."""
     env = child_env(os.environ)  # the offline driver is this module: it must find it
+    if cache_root is not None:
+        env["VLLM_CACHE_ROOT"] = str(cache_root)
     env.update(
         VLLM_HOST_IP="127.0.0.1",
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -76,7 +80,7 @@ def vllm_env(tp: int = 1) -> dict[str, str]:
 
 
 class _Process:
-    def __init__(self, cmd: list[str], log: Path, tp: int):
+    def __init__(self, cmd: list[str], log: Path, tp: int, cache_root: Path | None = None):
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
@@ -84,7 +88,7 @@ class _Process:
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=vllm_env(tp),
+            env=vllm_env(tp, cache_root),
             start_new_session=True,  # its own process group: engine and workers die with it
         )
 
@@ -137,6 +141,8 @@ class Run:
     hold: bool = False
     max_tokens: int = 12
     speculative: dict[str, Any] | None = None
+    #: vLLM's default compile mode instead of --enforce-eager.
+    compile: bool = False
 
     def command(self, model: Path) -> list[str]:
         cmd = [sys.executable, "-m", "netloader_testing.harness", "--model", str(model)]
@@ -148,15 +154,24 @@ class Run:
             cmd += ["--speculative-config", json.dumps(self.speculative)]
         if self.hold:
             cmd.append("--hold")
+        if self.compile:
+            cmd.append("--compile")
         return cmd
 
 
 class OfflineInstance(_Process):
     """An ``LLM(...)`` in a child process, doing ``run`` (keywords set its fields)."""
 
-    def __init__(self, model: Path, log: Path, run: Run | None = None, **keywords: Any):
+    def __init__(
+        self,
+        model: Path,
+        log: Path,
+        run: Run | None = None,
+        cache_root: Path | None = None,
+        **keywords: Any,
+    ):
         run = with_keywords(run or Run(), keywords)
-        super().__init__(run.command(model), log, run.tp)
+        super().__init__(run.command(model), log, run.tp, cache_root)
 
     def outputs(self, timeout: float = START_TIMEOUT) -> list[str]:
         """Wait for the generated texts (raises with the log tail if the instance died)."""
@@ -280,6 +295,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--speculative-config", default=None, help="JSON, as for vllm serve")
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="vLLM's compile mode, not eager")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -294,7 +310,7 @@ def main() -> None:
         model=args.model,
         load_format=args.load_format,
         tensor_parallel_size=args.tp,
-        enforce_eager=True,
+        enforce_eager=not args.compile,
         max_model_len=256,
         max_num_seqs=4,
         dtype="float32",

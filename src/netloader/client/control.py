@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from netloader import auth
+from netloader.artifacts.wire import ArtifactsOffer, ArtifactsRequest
 from netloader.errors import (
     Code,
     ConfigError,
@@ -163,6 +164,15 @@ class Control:
         self._check_proof(accept.mac, "pull", request.nonce, self.hello.nonce, accept.session)
         _check_accept(accept, request)
         return accept
+
+    def ask_artifacts(self, request: ArtifactsRequest) -> ArtifactsOffer:
+        """Ask for a cache entry; the offer's files are checked against the server's proof."""
+        request.nonce = auth.new_nonce()
+        request.mac = self._proof("artifacts", self.hello.nonce, request.nonce)
+        self._send(request)
+        offer = self.answer(ArtifactsOffer)
+        self._check_proof(offer.mac, "artifacts", request.nonce, self.hello.nonce, offer.digest())
+        return offer
 
     def _send(self, msg: Message) -> None:
         try:

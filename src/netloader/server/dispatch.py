@@ -2,8 +2,8 @@
 
 A connection's first message decides what it is: a ``PullRequest`` (checked, placed, admitted,
 then the thread runs the session; a relay's connection then stays open as its membership), a
-``StreamAttach`` (a data connection of a session, handed to its transport) or an
-``InfoRequest`` (answered at once). Every check raises ``errors.Refusal``; ``handle`` alone
+``StreamAttach`` (a data connection of a session, handed to its transport), an
+``InfoRequest`` or an ``ArtifactsRequest`` (answered at once: ``server.artifacts``). Every check raises ``errors.Refusal``; ``handle`` alone
 turns a refusal into the peer's ``Refuse`` message (and the event that logs it).
 """
 
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from netloader import events
+from netloader.artifacts.wire import ArtifactsRequest
 from netloader.errors import Code, ProtocolError, Refusal
 from netloader.protocol import (
     PROTOCOL_VERSION,
@@ -27,7 +28,9 @@ from netloader.protocol import (
     Refuse,
     StreamAttach,
 )
+from netloader.server import artifacts
 from netloader.server.admission import Admission
+from netloader.server.artifacts import Shelf
 from netloader.server.catalog import Catalog, ServedModel
 from netloader.server.listener import Connection
 from netloader.server.relays import Placement
@@ -85,7 +88,9 @@ class Dispatcher:
         catalog: Catalog,
         admission: Admission,
         first: Callable[[], ServedModel],
+        shelf: Shelf,
     ):
+        self.shelf = shelf
         self.context = context
         self.catalog = catalog
         self.admission = admission
@@ -103,9 +108,11 @@ class Dispatcher:
         try:
             channel.send(conv.hello, conv.deadline)
             request = channel.recv_any(
-                PullRequest, InfoRequest, StreamAttach, deadline=conv.deadline
+                PullRequest, InfoRequest, StreamAttach, ArtifactsRequest, deadline=conv.deadline
             )
             match request:
+                case ArtifactsRequest():
+                    artifacts.answer(conv, request, self.shelf, self.context.gate)
                 case StreamAttach():
                     return self._attach(conn, request)
                 case InfoRequest():

@@ -6,12 +6,16 @@ for people); nothing here touches a socket."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from netloader import auth
 from netloader.errors import Code, Refusal
 from netloader.protocol import PROTOCOL_VERSION, Hello, InfoRequest, PullRequest
 from netloader.snapshot import Snapshot
 from netloader.transport import ENGINES, Engine
+
+if TYPE_CHECKING:
+    from netloader.artifacts.wire import ArtifactsRequest
 
 
 class Gate:
@@ -25,7 +29,9 @@ class Gate:
     def greeting(self) -> Hello:
         return Hello(PROTOCOL_VERSION, auth.new_nonce(), self.token is not None)
 
-    def authenticate(self, hello: Hello, request: PullRequest | InfoRequest) -> None:
+    def authenticate(
+        self, hello: Hello, request: PullRequest | InfoRequest | ArtifactsRequest
+    ) -> None:
         if self.token is None:
             return
         if auth.check(self.token, request.mac, "client", request.kind, hello.nonce, request.nonce):

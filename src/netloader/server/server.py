@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from netloader.artifacts import VLLM_TORCH_COMPILE
 from netloader.events import Count
 from netloader.identity import Identity
 from netloader.options import ServeOptions, with_keywords
 from netloader.pacing import Pacer
 from netloader.server.admission import Admission
+from netloader.server.artifacts import Shelf
 from netloader.server.catalog import Catalog, ServedModel
 from netloader.server.dispatch import Dispatcher
 from netloader.server.handshake import Gate
@@ -75,8 +77,14 @@ class Server:
             closing=self.closing,
             transfers=self.transfers,
         )
+        #: The compile artifacts it offers (``--compile-cache``; a vLLM worker adds its own).
+        self.shelf = Shelf(options.artifacts, options.token is not None)
+        if options.compile_cache:
+            self.shelf.add_root(VLLM_TORCH_COMPILE, options.compile_cache)
         admission = Admission(options.limits, self.closing)
-        self.dispatcher = Dispatcher(self.context, self.catalog, admission, lambda: self._first)
+        self.dispatcher = Dispatcher(
+            self.context, self.catalog, admission, lambda: self._first, self.shelf
+        )
         self.address: str | None = None
         self._listener: Listener | None = None
         self._lock = threading.Lock()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import gc
-import logging
 import time
 
 import torch
@@ -42,7 +41,9 @@ from netloader import auth, events
 from netloader.client import pull
 from netloader.errors import PullError
 from netloader.identity import Identity
+from netloader.integrations.vllm.compile_cache import CompileArtifacts
 from netloader.integrations.vllm.config import NetloaderConfig
+from netloader.integrations.vllm.glue import LayerRegistry, route_core_logs
 from netloader.options import ServeOptions
 from netloader.server import ServedModel, Server
 from netloader.snapshot import Snapshot, describe_changed
@@ -111,7 +112,10 @@ class NetloaderModelLoader(DefaultModelLoader):
         #: target): this one is not served separately.
         self._shadowed = False
         self._weights_seconds = 0.0
-        _route_core_logs()
+        self._vllm_config: VllmConfig | None = None
+        timeouts = self.config.pull_options(None).timeouts
+        self._artifacts = CompileArtifacts(self.config.serve.artifacts, self.token, timeouts)
+        route_core_logs()
 
     # --- the whole load ---------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class NetloaderModelLoader(DefaultModelLoader):
     ) -> nn.Module:
         self._draft = _is_draft(vllm_config, model_config, prefix)
         identity = _identity(self.config, model_config, draft=self._draft)
-        self._identity = identity
+        self._identity, self._vllm_config = identity, vllm_config
         self._shadowed = _WORKER.server is not None and identity.model in _WORKER.server.catalog
         if self._shadowed:
             log.warning(
@@ -134,6 +138,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             self._path = _Path.IDLE
         snapshot = self._snapshot
         assert snapshot is not None
+        self._artifacts.finish(identity.rank, self._label)  # before vLLM compiles
         total, seconds = snapshot.plan.total_bytes, self._weights_seconds
         log.info(
             "netloader: rank %d %sweights phase from %s: %.3f GB in %.2f s (%.2f GB/s)",
@@ -141,6 +146,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             total / 1e9 / max(seconds, 1e-9),
         )
         self._serve(snapshot, identity)
+        self._artifacts.offer(_WORKER.server)
         return model
 
     @property
@@ -161,7 +167,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             log.info("netloader: no SOURCE for rank %d, loading %sfrom storage", rank, what)
         else:
             self._path, self._pull_from = _Path.PEER, sources
-            registered = _LayerRegistry(vllm_config)
+            registered = LayerRegistry(vllm_config)
             try:
                 return super().load_model(vllm_config, model_config, prefix), self._pulled_from
             except PullError as exc:
@@ -182,6 +188,8 @@ class NetloaderModelLoader(DefaultModelLoader):
         if self._path is _Path.IDLE:
             _retire_servers("weights were reloaded in place after they were captured")
             return super().load_weights(model, model_config)
+        assert self._vllm_config is not None
+        self._artifacts.start(self._vllm_config, model, self._pull_from)  # beside the weights
         start = time.perf_counter()
         if self._path is _Path.PEER:
             self._snapshot = self._pull_weights(model)
@@ -350,24 +358,6 @@ def _is_draft(vllm_config: VllmConfig, model_config: ModelConfig, prefix: str) -
     return prefix == "draft_model" or (draft is not None and model_config is draft)
 
 
-class _LayerRegistry:
-    """vLLM registers every attention and MoE layer by name in the compilation config when a
-    model is built and refuses a name twice. Dropping a failed model must drop its entries."""
-
-    def __init__(self, vllm_config: VllmConfig):
-        self.config = vllm_config.compilation_config
-        self.layers = set(getattr(self.config, "static_forward_context", {}))
-        self.moe = len(getattr(self.config, "static_all_moe_layers", []))
-
-    def forget_new(self) -> None:
-        context = getattr(self.config, "static_forward_context", {})
-        for name in [n for n in context if n not in self.layers]:
-            del context[name]
-        moe = getattr(self.config, "static_all_moe_layers", None)
-        if moe is not None:
-            del moe[self.moe :]
-
-
 def _retire_servers(reason: str) -> None:
     """Refuse peers every model of this worker (the reload does not say which one it is)."""
     server = _WORKER.server
@@ -378,13 +368,3 @@ def _retire_servers(reason: str) -> None:
                 "netloader: server on %s now refuses peers asking for %s: %s",
                 *(server.address, entry.model, reason),
             )
-
-
-def _route_core_logs() -> None:
-    """Let the core's ``netloader.*`` loggers print through vLLM's handlers and format."""
-    core, vllm_logger = logging.getLogger("netloader"), logging.getLogger("vllm")
-    if not core.handlers and vllm_logger.handlers:
-        for handler in vllm_logger.handlers:
-            core.addHandler(handler)
-        core.setLevel(logging.INFO)
-        core.propagate = False
