@@ -81,6 +81,7 @@ def vllm_env(tp: int = 1, cache_root: Path | None = None) -> dict[str, str]:
 
 class _Process:
     def __init__(self, cmd: list[str], log: Path, tp: int, cache_root: Path | None = None):
+        self.launched_at = time.time()
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
@@ -176,6 +177,10 @@ class OfflineInstance(_Process):
     def outputs(self, timeout: float = START_TIMEOUT) -> list[str]:
         """Wait for the generated texts (raises with the log tail if the instance died)."""
         return self._report(timeout)["outputs"]
+
+    def ready_seconds(self, timeout: float = START_TIMEOUT) -> float:
+        """Seconds from launching the instance until its ``LLM(...)`` was built (ready)."""
+        return self._report(timeout)["ready_at"] - self.launched_at
 
     def acceptance(self, timeout: float = START_TIMEOUT) -> Acceptance:
         """Speculative decoding's counts once the prompts were generated."""
@@ -316,6 +321,7 @@ def main() -> None:
         dtype="float32",
         **kwargs,
     )
+    ready_at = time.time()  # wall clock: a parent compares it with when it launched this
     prompts = json.loads(args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     # One prompt at a time, like the API tests send them: batch shapes then match everywhere.
@@ -324,6 +330,7 @@ def main() -> None:
     counts = {m.name: getattr(m, "value", 0) for m in llm.get_metrics()} if speculative else {}
     report = {"outputs": outputs, "drafted": counts.get(DRAFTED, 0)}
     report["accepted"] = counts.get(ACCEPTED, 0)
+    report["ready_at"] = ready_at
     print(json.dumps(report), flush=True)
     if args.hold:
         sys.stdin.read()  # returns when the parent closes our stdin (or dies)

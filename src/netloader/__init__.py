@@ -24,7 +24,14 @@ from netloader.errors import (
 )
 from netloader.identity import Identity
 from netloader.manifest import Manifest, TensorSpec
-from netloader.options import Limits, PullHooks, PullOptions, ServeOptions, Timeouts
+from netloader.options import (
+    ArtifactOptions,
+    Limits,
+    PullHooks,
+    PullOptions,
+    ServeOptions,
+    Timeouts,
+)
 from netloader.server import Server
 from netloader.snapshot import Snapshot
 
@@ -32,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllSourcesFailed",
+    "ArtifactOptions",
     "Code",
     "ConfigError",
     "Identity",

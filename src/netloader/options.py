@@ -136,7 +136,7 @@ class Limits:
         check_fields(self)
 
 
-ARTIFACT_MODES = ("token", "trusted-network", "off")
+ARTIFACT_MODES = ("off", "token", "trusted-network")
 
 
 @dataclass(frozen=True)

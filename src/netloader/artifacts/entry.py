@@ -109,6 +109,21 @@ class CacheRoot:
         return next((e for e in self.entries() if alias in (e.alias, e.key)), None)
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """``kind``'s entry asked for as ``alias`` (the key known while the weights load: see
+    ``artifacts.entry.Entry``), built for ``factors``, to install under the cache ``root``."""
+
+    kind: Kind
+    alias: str
+    factors: dict[str, str]
+    root: Path
+
+    def local(self) -> Entry | None:
+        """The entry this host has for it already, if any."""
+        return CacheRoot(self.kind, self.root).find(self.alias)
+
+
 def list_files(directory: Path, max_files: int) -> list[str]:
     """Every regular file below ``directory`` (relative POSIX paths, sorted), the sidecar
     excepted. A symlink or any other special file makes the whole entry unfit to offer."""

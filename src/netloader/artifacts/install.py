@@ -19,8 +19,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from netloader.artifacts.entry import SIDECAR, FileDigest, write_sidecar
-from netloader.artifacts.kinds import Kind
+from netloader.artifacts.entry import SIDECAR, FileDigest, Wanted, write_sidecar
 
 PIECE = 1 << 20
 
@@ -64,17 +63,11 @@ def check_path(path: str) -> None:
 
 
 def install(
-    kind: Kind,
-    root: Path,
-    key: str,
-    alias: str,
-    factors: dict[str, str],
-    files: list[FileDigest],
-    read: Callable[[int], bytes | bytearray],
+    wanted: Wanted, key: str, files: list[FileDigest], read: Callable[[int], bytes | bytearray]
 ) -> Path:
-    """Write ``files`` (their bytes from ``read(n)``, in order) as ``kind``'s entry ``key``
-    (asked for as ``alias``) under ``root``, then rename it into place; its directory."""
-    final = kind.entry_dir(root, key)
+    """Write ``files`` (their bytes from ``read(n)``, in order) as ``wanted``'s entry, named
+    ``key``, then rename it into place; its directory."""
+    final = wanted.kind.entry_dir(wanted.root, key)
     if final.exists():
         raise EntryExists(f"{final} exists")
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
@@ -83,7 +76,7 @@ def install(
     try:
         for f in files:
             _receive(staging, f, read)
-        write_sidecar(staging, kind, alias, factors, key)
+        write_sidecar(staging, wanted.kind, wanted.alias, wanted.factors, key)
         try:
             os.rename(staging, final)  # fails if an entry appeared meanwhile with content
         except OSError as exc:

@@ -13,11 +13,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from netloader.artifacts.entry import CacheRoot, Entry
+from netloader.artifacts.entry import Wanted
 from netloader.artifacts.install import EntryExists, Unfit, check_offer, install
-from netloader.artifacts.kinds import Kind
 from netloader.artifacts.wire import ArtifactsRequest
 from netloader.client.control import Control, Endpoint
 from netloader.errors import NetloaderError, ProtocolError
@@ -31,21 +29,6 @@ NO_TOKEN = (
     "shared token (set TOKEN_FILE or NETLOADER_TOKEN on both, or ARTIFACTS=trusted-network on "
     "a trusted network)"
 )
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """``kind``'s entry asked for as ``alias`` (the key known while the weights load: see
-    ``artifacts.entry.Entry``), built for ``factors``, to install under the cache ``root``."""
-
-    kind: Kind
-    alias: str
-    factors: dict[str, str]
-    root: Path
-
-    def local(self) -> Entry | None:
-        """The entry this host has for it already, if any."""
-        return CacheRoot(self.kind, self.root).find(self.alias)
 
 
 @dataclass(frozen=True)
@@ -98,8 +81,7 @@ def _fetch_one(
     source: str, wanted: Wanted, options: ArtifactOptions, token: bytes | None, timeouts: Timeouts
 ) -> Fetched:
     start = time.perf_counter()
-    kind, alias = wanted.kind, wanted.alias
-    request = ArtifactsRequest(PROTOCOL_VERSION, kind.name, alias, wanted.factors, "")
+    request = ArtifactsRequest(PROTOCOL_VERSION, wanted.kind.name, wanted.alias, wanted.factors, "")
     try:
         with Control.open(Endpoint.parse(source), timeouts, token) as control:
             offer = control.ask_artifacts(request)
@@ -107,10 +89,7 @@ def _fetch_one(
                 return Fetched(source, reason=offer.reason)
             total = check_offer(offer.files, options.max_files, options.max_bytes)
             channel = control.channel
-            install(
-                *(kind, wanted.root, offer.key, alias, wanted.factors, offer.files),
-                read=lambda n: channel.recv_exact(n),
-            )
+            install(wanted, offer.key, offer.files, read=lambda n: channel.recv_exact(n))
     except EntryExists as exc:
         return Fetched(source, reason=f"a local cache entry exists ({exc})")
     except (Unfit, NetloaderError, ProtocolError, OSError, ValueError) as exc:

@@ -1,0 +1,98 @@
+"""Launch to ready of a vLLM CPU instance in compile mode: with and without the seed's compile
+artifacts, side by side in one run, interleaved.
+
+    .venv/bin/python benchmarks/compile_ready.py [--repeats 3] [--json FILE]
+
+Each repeat starts a fresh seed with an empty VLLM_CACHE_ROOT (row "seed cold start": it loads
+from storage and compiles), then, while the seed serves, three new instances in a rotating order,
+all taking their weights from the seed:
+- "replica, no artifacts": an empty cache, ARTIFACTS off, so it compiles from scratch;
+- "replica, artifacts from the seed": an empty cache, the seed's entry fetched beside the weights;
+- "warm restart": a copy of the seed's own cache, as when an instance restarts on its node.
+Ready is the time from launching the process until ``LLM(...)`` returned (the harness reports
+the wall clock then). The goal (issue 17): artifacts within 1.1x the warm restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from netloader.bench import machine_description
+
+# The test scaffolding is not installed: take netloader_testing/ from the source tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from netloader_testing.harness import OfflineInstance, Run
+from netloader_testing.models import tiny_llama
+
+TOKEN = "compile-ready-benchmark-secret-0123"
+ROWS = ("replica, no artifacts", "replica, artifacts from the seed", "warm restart")
+
+
+def ready(model: Path, work: Path, name: str, extra: dict, cache: Path, hold: bool = False):
+    run = Run(["hello world"], extra=extra, compile=True, hold=hold)
+    inst = OfflineInstance(model, work / f"{name}.log", run, cache_root=cache)
+    seconds = inst.ready_seconds()
+    return inst, seconds
+
+
+def one_repeat(model: Path, work: Path, repeat: int) -> dict[str, float]:
+    token_file = work / "token"
+    token_file.write_text(TOKEN)
+    prefix = work / f"seed{repeat}_"
+    seed_cache = work / f"seed{repeat}-cache"
+    extra = {"OUTPUT_PREFIX": str(prefix), "TOKEN_FILE": str(token_file)}
+    seed, cold = ready(model, work, f"seed{repeat}", extra, seed_cache, hold=True)
+    times = {"seed cold start": cold}
+    try:
+        address = Path(f"{prefix}0.txt").read_text().strip()
+        pull = {"SOURCE": [{"device_id": 0, "sources": [address]}], "TOKEN_FILE": str(token_file)}
+        order = ROWS[repeat % 3 :] + ROWS[: repeat % 3]
+        for row in order:
+            cache = work / f"{row.split(',')[0].replace(' ', '-')}{repeat}-{ROWS.index(row)}"
+            if row == "warm restart":
+                shutil.copytree(seed_cache, cache)
+            extra = {**pull, "ARTIFACTS": "off"} if row == ROWS[0] else pull
+            inst, seconds = ready(model, work, f"{ROWS.index(row)}-{repeat}", extra, cache)
+            inst.stop()
+            log = inst.log()
+            if row == ROWS[1] and "compile artifacts from peer" not in log:
+                raise RuntimeError(f"no artifacts came:\n{log[-3000:]}")
+            if "weights phase from peer" not in log:
+                raise RuntimeError(f"{row}: weights did not come from the seed:\n{log[-3000:]}")
+            times[row] = seconds
+            print(f"  repeat {repeat + 1}: {row}: {seconds:.1f} s", flush=True)
+    finally:
+        seed.stop()
+    print(f"  repeat {repeat + 1}: seed cold start: {cold:.1f} s", flush=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    print(machine_description(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="compile-ready-") as tmp:
+        work = Path(tmp)
+        model = tiny_llama(work / "model")
+        runs = [one_repeat(model, work, r) for r in range(args.repeats)]
+    rows = ("seed cold start", *ROWS)
+    medians = {row: statistics.median(run[row] for run in runs) for row in rows}
+    warm = medians["warm restart"]
+    print(f"\nmedians of {args.repeats}, launch to ready:")
+    for row in rows:
+        print(f"  {row:34s} {medians[row]:6.1f} s  {medians[row] / warm:5.2f}x the warm restart")
+    if args.json:
+        report = {"machine": machine_description(), "runs": runs, "medians": medians}
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
