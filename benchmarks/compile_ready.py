@@ -66,7 +66,9 @@ def one_repeat(model: Path, work: Path, repeat: int) -> dict[str, float]:
             if "weights phase from peer" not in log:
                 raise RuntimeError(f"{row}: weights did not come from the seed:\n{log[-3000:]}")
             times[row] = seconds
-            print(f"  repeat {repeat + 1}: {row}: {seconds:.1f} s", flush=True)
+            [phase] = inst.weights_phases()
+            times[f"{row}: weights phase"] = phase.seconds
+            print(f"  repeat {repeat + 1}: {row}: {seconds:.1f} s, weights {phase.seconds:.2f} s")
     finally:
         seed.stop()
     print(f"  repeat {repeat + 1}: seed cold start: {cold:.1f} s", flush=True)
@@ -89,6 +91,9 @@ def main() -> None:
     print(f"\nmedians of {args.repeats}, launch to ready:")
     for row in rows:
         print(f"  {row:34s} {medians[row]:6.1f} s  {medians[row] / warm:5.2f}x the warm restart")
+    for row in ROWS:
+        phases = [run[f"{row}: weights phase"] for run in runs]
+        print(f"  weights phase, {row}: median {statistics.median(phases):.2f} s")
     if args.json:
         report = {"machine": machine_description(), "runs": runs, "medians": medians}
         args.json.write_text(json.dumps(report, indent=1))

@@ -106,7 +106,11 @@ class CompileArtifacts:
         if self.options.mode == "off":
             self.why_none = "ARTIFACTS is off"
             return
-        self.entries, self.why_none = wanted_entries(vllm_config, model)
+        try:
+            self.entries, self.why_none = wanted_entries(vllm_config, model)
+        except Exception as exc:  # vLLM's internals moved: compile as usual, never fail the load
+            self.why_none = f"cannot work out vLLM's cache key: {type(exc).__name__}: {exc}"
+            log.warning("netloader: compile artifacts off for this load: %s", self.why_none)
         if sources and self.entries:
             self._thread = threading.Thread(
                 target=self._fetch, args=(sources,), name="netloader-artifacts", daemon=True
