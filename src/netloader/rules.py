@@ -82,15 +82,21 @@ def _text(name: str, value: Any) -> str:
 
 
 def _names(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):  # "a,b", as typed on a command line
+        value = _split_names(value)
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
     return tuple(value)
 
 
+def _split_names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",")]
+
+
 SECONDS = Rule(_seconds, _decoded(float), lambda s: f"{s:g}", "2.5", "SECONDS")
 FLAG = Rule(_flag)
 TEXT = Rule(_text)
-NAMES = Rule(_names)
+NAMES = Rule(_names, lambda name, text: _split_names(text), metavar="A,B")
 
 
 def optional(rule: Rule) -> Rule:

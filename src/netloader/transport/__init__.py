@@ -12,6 +12,7 @@ from netloader import protocol
 from netloader.errors import ConfigError
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.cuda_ipc import CudaIpcEngine
+from netloader.transport.mooncake import MooncakeEngine
 from netloader.transport.process_group import GlooEngine, HcclEngine, NcclEngine
 from netloader.transport.tcp import TcpEngine
 
@@ -23,6 +24,7 @@ _ENGINES: tuple[Engine, ...] = (
     CudaIpcEngine(),
     NcclEngine(),
     HcclEngine(),
+    MooncakeEngine(),
     TcpEngine(),
     GlooEngine(),
 )
