@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from netloader.errors import ConfigError
 from netloader.transport import Incoming, engine, preferred
 
 

@@ -55,9 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netloader.transport")
 
-#: Chunk requests a client keeps outstanding (128 MiB of 4 MiB chunks): an answer carries no
-#: bytes, and every answer already in when a round starts is read in that round's one batch.
-WINDOW = 32
+#: Chunk requests a client keeps outstanding (32 MiB of 4 MiB chunks): an answer carries no
+#: bytes, and every answer already in when a round starts is read in that round's one batch;
+#: few enough that striping still shares the chunks out among sources.
+WINDOW = 8
 _OFFER_KEYS = {"segment", "protocol", "regions"}
 
 
