@@ -6,6 +6,8 @@ Skipped where Mooncake cannot be imported (``make test`` installs the CPU build)
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -173,9 +175,9 @@ def checkpoint(tmp_path_factory):
 
 
 def _serve(host, folder: Path, token: Path, log, *extra: str) -> tuple[subprocess.Popen, str]:
+    argv = [sys.executable, "-m", "netloader", "serve", folder, "--host", host.address]
     proc = host.popen(
-        [sys.executable, "-m", "netloader", "serve", folder, "--host", host.address]
-        + ["--token-file", token, *extra],
+        [*argv, "--token-file", token, *extra],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -186,9 +188,9 @@ def _serve(host, folder: Path, token: Path, log, *extra: str) -> tuple[subproces
 
 
 def _pull(host, sources: list[str], token: Path, out: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "netloader", "pull", *sources, "--out", out]
     return host.popen(
-        [sys.executable, "-m", "netloader", "pull", *sources, "--out", out]
-        + ["--token-file", token, "--max-sources", "2"],
+        [*argv, "--token-file", token, "--max-sources", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -239,7 +241,30 @@ def test_a_source_killed_mid_way_costs_only_its_chunks_in_flight(checkpoint, tmp
         assert proc.returncode == 0, err
         assert "over mooncake" in out, out
         shares = {k: int(n) for k, n in SHARE.findall(out)} or {b: size}  # b alone delivered
-        assert 0 < shares[b] and shares.get(a, 0) < size, out
+        assert shares[b] > 0 and shares.get(a, 0) < size, out
         again = AGAIN.search(out)
         assert again is None or int(again[1]) <= WINDOW * (4 << 20), out
     assert_same(tensors, load_file(tmp_path / "out" / "model.safetensors"))
+
+
+def test_without_mooncake_the_transport_is_absent_with_the_reason(tmp_path):
+    """A process that cannot import Mooncake says why in ``info``; asking for it by name is a
+    clear error, and the default proposal leaves it out (the pull goes over TCP)."""
+    shim = tmp_path / "shim" / "mooncake"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('simulated: not installed here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim.parent), *sys.path]))
+
+    def netloader(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "netloader", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    with in_process_server(all_cases()) as server:
+        here = json.loads(netloader("info", server.address).stdout)["transports_here"]
+        assert here["mooncake"].startswith("absent: mooncake is not importable"), here
+        assert "simulated: not installed here" in here["mooncake"] and here["tcp"] == "available"
+        named = netloader("pull", server.address, "--transport", "mooncake,tcp")
+        assert named.returncode != 0
+        assert "transport 'mooncake' cannot run here: mooncake is not importable" in named.stderr
+        default = netloader("pull", server.address)
+        assert default.returncode == 0 and "over tcp" in default.stdout, default.stderr

@@ -24,7 +24,8 @@ if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
 
 PROMPTS = ["hello world", "the quick brown fox", "weights travel from a", "a new instance"]
 PEER = re.compile(
-    r"netloader: rank (\d+) weights phase from peer (\S+): [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)"
+    r"netloader: rank (\d+) weights phase from peer (\S+) over (\S+): [\d.]+ GB in [\d.]+ s "
+    r"\([\d.]+ GB/s\)"
 )
 STORAGE = re.compile(r"netloader: rank (\d+) weights phase from storage: [\d.]+ GB in [\d.]+ s")
 FALLBACK = "could not take its weights from a peer, loading from storage instead"

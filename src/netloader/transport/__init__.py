@@ -65,12 +65,21 @@ def preferred(device: torch.device, source_host: str | None = None) -> list[str]
     return [e.name for e in ENGINES.values() if e.proposes(device, source_host)]
 
 
+def availability() -> dict[str, str]:
+    """Each transport: "available", or "absent: " and why it cannot run in this process."""
+    return {
+        name: "available" if (reason := e.absent()) is None else f"absent: {reason}"
+        for name, e in ENGINES.items()
+    }
+
+
 __all__ = [
     "ENGINES",
     "Engine",
     "Incoming",
     "Outgoing",
     "Sending",
+    "availability",
     "engine",
     "offered",
     "preferred",
