@@ -268,3 +268,31 @@ def test_without_mooncake_the_transport_is_absent_with_the_reason(tmp_path):
         assert "transport 'mooncake' cannot run here: mooncake is not importable" in named.stderr
         default = netloader("pull", server.address)
         assert default.returncode == 0 and "over tcp" in default.stdout, default.stderr
+
+
+@pytest.mark.parametrize(
+    ("offer", "complaint"),
+    [
+        ({"segment": "10.0.0.1:15000", "protocol": "tcp"}, "must hold"),
+        ({"segment": "nowhere", "protocol": "tcp", "regions": []}, "is not IP:PORT"),
+        ({"segment": "10.0.0.1:15000", "protocol": "ib", "regions": []}, "protocol 'ib'"),
+        ({"segment": "10.0.0.1:15000", "protocol": "tcp", "regions": [None]}, "1 regions for 2"),
+        (
+            {"segment": "10.0.0.1:1", "protocol": "tcp", "regions": [[4096, 99], None]},
+            "slot 0 must be [address, 100]",
+        ),
+        (
+            {"segment": "10.0.0.1:1", "protocol": "tcp", "regions": [[0, 100], None]},
+            "slot 0 must be",
+        ),
+    ],
+)
+def test_a_bad_offer_is_refused_naming_what_is_wrong(offer, complaint):
+    """The client checks the server's offer against its own plan before it reads anything:
+    every length is its own slot's, so reads land only in its own buffers."""
+    from netloader.errors import ProtocolError
+    from netloader.plan import Plan
+    from netloader.transport.mooncake import parse_offer
+
+    with pytest.raises(ProtocolError, match=re.escape(complaint)):
+        parse_offer(offer, Plan([100, 0], 64 << 10))

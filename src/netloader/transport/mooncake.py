@@ -95,11 +95,13 @@ class MooncakeEngine(Engine):
 
     def register(self, snapshot: Snapshot) -> None:
         try:
-            self._serve_from(snapshot)
+            self.serve_from(snapshot)
         except (OSError, RuntimeError) as exc:  # clients then fail over to their next source
             log.error("cannot offer %s tensors over mooncake: %s", len(snapshot.buffers), exc)
 
-    def _serve_from(self, snapshot: Snapshot) -> None:
+    def serve_from(self, snapshot: Snapshot) -> None:
+        """Start the engine (once) and register the storages of ``snapshot`` (again only if
+        its buffers were swapped)."""
         host, settings = self.serving
         self.te.start(host, settings.protocol, settings.devices)
         self.te.hold_for(snapshot, snapshot.buffers)
@@ -138,7 +140,7 @@ class MooncakeSending(AttachedSending):
     def offer(self) -> dict[str, Any]:
         facts = dict(super().offer())
         snapshot = self.out.snapshot
-        self.engine._serve_from(snapshot)  # once; again only if its buffers were swapped
+        self.engine.serve_from(snapshot)  # once; again only if its buffers were swapped
         te = self.engine.te
         regions = [[b.data_ptr(), b.numel()] if b.numel() else None for b in snapshot.buffers]
         return facts | {"segment": te.segment, "protocol": te.protocol, "regions": regions}
