@@ -296,3 +296,22 @@ def test_a_bad_offer_is_refused_naming_what_is_wrong(offer, complaint):
 
     with pytest.raises(ProtocolError, match=re.escape(complaint)):
         parse_offer(offer, Plan([100, 0], 64 << 10))
+
+
+def test_transports_reach_the_client_from_every_surface():
+    """``--transport``, ``TRANSPORTS`` and ``PullOptions.transports`` set the same thing; an
+    unknown name stops a vLLM worker's start-up with the names it knows."""
+    from netloader import cli
+    from netloader.errors import ConfigError
+    from netloader.integrations.vllm.config import NetloaderConfig
+    from netloader.options import PullOptions
+
+    parsed = cli._parser().parse_args(["pull", "h:1", "--transport", "mooncake, tcp"])
+    assert cli._pull_options(parsed).transports == ("mooncake", "tcp")
+    assert NetloaderConfig.parse({"TRANSPORTS": ["mooncake", "tcp"]}).pull.transports == (
+        "mooncake",
+        "tcp",
+    )
+    assert PullOptions(transports=["mooncake", "tcp"]).transports == ("mooncake", "tcp")
+    with pytest.raises(ConfigError, match="unknown transport 'rdma'; known: "):
+        NetloaderConfig.parse({"TRANSPORTS": ["rdma", "tcp"]})

@@ -82,14 +82,13 @@ def _text(name: str, value: Any) -> str:
 
 
 def _names(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):  # "a,b", as typed on a command line
-        value = _split_names(value)
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
     return tuple(value)
 
 
 def _split_names(text: str) -> list[str]:
+    """``"a,b"`` as typed on a command line (a vLLM key takes a JSON list)."""
     return [part.strip() for part in text.split(",")]
 
 
