@@ -20,7 +20,7 @@ from helpers import all_cases, assert_same, big_cases, in_process_server, wait_f
 from netbed_fixtures import require_netbed
 from safetensors.torch import load_file, save_file
 
-from netloader import Identity, IntegrityError, Refused, Server, pull
+from netloader import Identity, IntegrityError, Refused, Server, events, pull
 from netloader.mooncake_options import MooncakeOptions
 from netloader.options import ServeOptions
 from netloader.synthetic import llm_like
@@ -37,10 +37,23 @@ pytestmark = pytest.mark.skipif(ABSENT is not None, reason=f"mooncake absent: {A
 
 
 def test_a_token_server_offers_mooncake_and_the_pull_is_bit_exact():
-    with in_process_server(all_cases(), token=TOKEN, chunk_size=64 << 10) as server:
-        result = pull(server.address, IDENT, token=TOKEN)
+    """Bit-exact, and the server still knows when and how the transfer ended: the bytes it
+    let the client read, and the client's verdict."""
+    ended: list = []
+    unsubscribe = events.subscribe(
+        lambda e: ended.append(e) if isinstance(e, events.TransferDone) else None
+    )
+    try:
+        with in_process_server(all_cases(), token=TOKEN, chunk_size=64 << 10) as server:
+            result = pull(server.address, IDENT, token=TOKEN)
+            wait_for(lambda: ended, 10, "the server's end of the transfer")
+    finally:
+        unsubscribe()
     assert result.transport == "mooncake"
     assert_same(all_cases(), result.tensors)
+    assert [(e.transport, e.ok, e.nbytes) for e in ended] == [
+        ("mooncake", True, result.total_bytes)
+    ]
 
 
 def test_a_client_without_the_token_never_gets_an_offer():
