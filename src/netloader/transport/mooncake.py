@@ -96,7 +96,7 @@ class MooncakeEngine(Engine):
     def register(self, snapshot: Snapshot) -> None:
         try:
             self.serve_from(snapshot)
-        except (OSError, RuntimeError) as exc:  # clients then fail over to their next source
+        except (OSError, RuntimeError, ValueError) as exc:  # its clients use other sources
             log.error("cannot offer %s tensors over mooncake: %s", len(snapshot.buffers), exc)
 
     def serve_from(self, snapshot: Snapshot) -> None:
