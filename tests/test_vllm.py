@@ -15,6 +15,7 @@ import pytest
 from helpers import Proxy, kill_after
 
 from netloader.sockets import free_port
+from netloader.transport import engine
 from netloader_testing.harness import ApiServer, OfflineInstance
 from netloader_testing.models import tiny_llama
 
@@ -24,7 +25,8 @@ if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
 
 PROMPTS = ["hello world", "the quick brown fox", "weights travel from a", "a new instance"]
 PEER = re.compile(
-    r"netloader: rank (\d+) weights phase from peer (\S+): [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)"
+    r"netloader: rank (\d+) weights phase from peer (\S+) over (\S+): [\d.]+ GB in [\d.]+ s "
+    r"\([\d.]+ GB/s\)"
 )
 STORAGE = re.compile(r"netloader: rank (\d+) weights phase from storage: [\d.]+ GB in [\d.]+ s")
 FALLBACK = "could not take its weights from a peer, loading from storage instead"
@@ -182,6 +184,9 @@ def test_tp2_each_rank_pulls_from_matching_seed_rank(model, logs, seed_tp2, toke
     inst.stop()
     pulled = {int(m.group(1)): m.group(2) for m in PEER.finditer(inst.log())}
     assert pulled == {0: seed_tp2.addresses[0], 1: seed_tp2.addresses[1]}, inst.log()[-4000:]
+    # With a token, a seed offers mooncake where it is installed (make test installs it).
+    over = {m.group(3) for m in PEER.finditer(inst.log())}
+    assert over == {"mooncake" if engine("mooncake").absent() is None else "tcp"}, over
     assert outputs == seed_tp2.result == plain_tp2
     secret = Path(token_file).read_text().strip()
     assert secret not in inst.log() and secret not in seed_tp2.log()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from netloader import auth, settings
+from netloader import auth, settings, transport
 from netloader.checkpoint import SafetensorsOutput, load_checkpoint
 from netloader.client import PullResult, info, pull
 from netloader.errors import AllSourcesFailed, ConfigError, NetloaderError, PullError
@@ -263,6 +263,7 @@ def _info(args: argparse.Namespace) -> int:
                 "protocol": reply.protocol,
                 "tensors": reply.tensors,
                 "total_bytes": reply.total_bytes,
+                "transports_here": transport.availability(),
             }
         )
     )

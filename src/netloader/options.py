@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from netloader.auth import TOKEN_ENV
+from netloader.mooncake_options import MooncakeOptions
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
 from netloader.protocol.fields import MAX_STREAMS
 from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, choice, integer, optional, size
@@ -279,6 +280,7 @@ class ServeOptions:
             "served CUDA tensors, read-write)",
         ),
     )
+    mooncake: MooncakeOptions = declared(MooncakeOptions(), Group())  # noqa: RUF009 (frozen)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -309,13 +311,15 @@ class PullOptions:
     transports: tuple[str, ...] | None = declared(
         None,
         Setting(
-            "transports to offer, best first (default: the best for the destination's device, "
-            "then TCP)",
-            optional(NAMES),
-            no_flag="which transports fit depends on where the tensors land, which the caller "
-            "knows: the command line always offers the default",
-            no_key="vLLM's workers offer the default, the best for their device",
+            "transports to offer each source, best first, comma-separated (e.g. mooncake,tcp)",
+            dataclasses.replace(optional(NAMES), example="tcp"),
+            "--transport",
+            "TRANSPORTS",
+            unset="the best for the destination's device, then TCP",
         ),
+    )
+    mooncake: MooncakeOptions = declared(  # noqa: RUF009 (frozen: sharing it is safe)
+        MooncakeOptions(), Group(skip={"offer": "a client proposes transports (--transport)"})
     )
     timeouts: Timeouts = declared(Timeouts(), Group())  # noqa: RUF009 (frozen: sharing it is safe)
     max_bytes: int | None = declared(

@@ -87,10 +87,15 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _split_names(text: str) -> list[str]:
+    """``"a,b"`` as typed on a command line (a vLLM key takes a JSON list)."""
+    return [part.strip() for part in text.split(",")]
+
+
 SECONDS = Rule(_seconds, _decoded(float), lambda s: f"{s:g}", "2.5", "SECONDS")
 FLAG = Rule(_flag)
 TEXT = Rule(_text)
-NAMES = Rule(_names)
+NAMES = Rule(_names, lambda name, text: _split_names(text), metavar="A,B")
 
 
 def optional(rule: Rule) -> Rule:

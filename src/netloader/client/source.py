@@ -121,6 +121,7 @@ class SourceRun:
             offer=accept.offer,
             digest_kind=t.reference.digest,
             transport=accept.transport,
+            options=t.options,
         )
 
     def _receive(self, control: Control, accept: Accept, inc: Incoming) -> None:

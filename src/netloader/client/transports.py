@@ -9,13 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
+from netloader.errors import ConfigError
 from netloader.transport import Incoming, engine, preferred
 
 
 def check_known(names: Sequence[str] | None) -> None:
-    """ConfigError unless every name the caller chose is a known transport."""
+    """ConfigError unless every name the caller chose is a known transport that can run here."""
     for name in names or ():
-        engine(name)
+        reason = engine(name).absent()
+        if reason is not None:
+            raise ConfigError(f"transport {name!r} cannot run here: {reason}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from netloader import protocol
 from netloader.errors import ConfigError
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.cuda_ipc import CudaIpcEngine
+from netloader.transport.mooncake import MooncakeEngine
 from netloader.transport.process_group import GlooEngine, HcclEngine, NcclEngine
 from netloader.transport.tcp import TcpEngine
 
@@ -23,6 +24,7 @@ _ENGINES: tuple[Engine, ...] = (
     CudaIpcEngine(),
     NcclEngine(),
     HcclEngine(),
+    MooncakeEngine(),
     TcpEngine(),
     GlooEngine(),
 )
@@ -63,12 +65,21 @@ def preferred(device: torch.device, source_host: str | None = None) -> list[str]
     return [e.name for e in ENGINES.values() if e.proposes(device, source_host)]
 
 
+def availability() -> dict[str, str]:
+    """Each transport: "available", or "absent: " and why it cannot run in this process."""
+    return {
+        name: "available" if (reason := e.absent()) is None else f"absent: {reason}"
+        for name, e in ENGINES.items()
+    }
+
+
 __all__ = [
     "ENGINES",
     "Engine",
     "Incoming",
     "Outgoing",
     "Sending",
+    "availability",
     "engine",
     "offered",
     "preferred",

@@ -32,7 +32,7 @@ from netloader.protocol import MAX_TEXT, Message
 from netloader.snapshot import Snapshot, describe_changed
 
 if TYPE_CHECKING:
-    from netloader.options import ServeOptions
+    from netloader.options import PullOptions, ServeOptions
 
 
 @dataclass
@@ -113,6 +113,8 @@ class Incoming:
     #: The transport that really moved the bytes (one may fall back to another, e.g. CUDA IPC
     #: to TCP); set by the client from the Accept.
     transport: str = ""
+    #: The client's settings, for transports that have their own (mooncake's protocol).
+    options: PullOptions | None = None
 
     def verify(self, index: int, views: list[memoryview] | None = None) -> None:
         """Check chunk ``index``, now in place, against its digest, computed where it landed
@@ -177,6 +179,10 @@ class Engine(ABC):
     @abstractmethod
     def supports(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` can travel on this transport from this process."""
+
+    def absent(self) -> str | None:
+        """Why this transport cannot run in this process (a package missing), or None."""
+        return None
 
     def reaches(self, peer_host: str) -> bool:
         """Whether a server may use this transport with a client at ``peer_host``."""

@@ -67,9 +67,13 @@ class TcpSending(AttachedSending):
 # --- the server's side of one stream ------------------------------------------------------
 
 
-def serve_stream(sock: socket.socket, out: Outgoing, mark: Mark, payload: bool = True) -> None:
+def serve_stream(
+    sock: socket.socket, out: Outgoing, mark: Mark, payload: bool = True, paced: bool = False
+) -> None:
     """Answer this stream's requests until the client says END: each with the chunk's bytes,
-    or (``payload=False``, for CUDA IPC) with its index alone, once the client may copy it."""
+    or (``payload=False``, for CUDA IPC and mooncake) with its index alone, once the client may
+    copy or read it; ``paced``: such answers wait for the upload cap too (mooncake: the client
+    reads what it is told it may)."""
     staging = Staging(out.snapshot.plan, out.snapshot.buffers)
     kernel_timeouts(sock, out.idle)
     request = bytearray(CHUNK_HEADER.size)
@@ -82,6 +86,8 @@ def serve_stream(sock: socket.socket, out: Outgoing, mark: Mark, payload: bool =
         views = _ready(sock, out, staging, index, payload)
         header = memoryview(CHUNK_HEADER.pack(index))
         if not payload:
+            if paced:
+                out.pace(index)
             sock.sendall(header)
         elif views is None:
             out.pace(index)

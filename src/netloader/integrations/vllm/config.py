@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from netloader.client import parse_source
+from netloader.client.transports import check_known
 from netloader.errors import ConfigError
 from netloader.options import TOKEN_FILE, PullOptions, ServeOptions
 from netloader.rules import NAMES, TEXT, Rule, choice, optional
@@ -170,7 +171,9 @@ class NetloaderConfig:
             except ConfigError as exc:
                 raise ConfigError(f"CONFIG_FILE {path!r}: {exc}") from None
             values = {**values, **from_file}
-        return from_keys(cls(), values)
+        config = from_keys(cls(), values)
+        check_known(config.pull.transports)  # TRANSPORTS naming one that cannot run here
+        return config
 
 
 #: Every key -> its help (with the default), in the order of NetloaderConfig's fields.

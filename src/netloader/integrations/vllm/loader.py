@@ -224,7 +224,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             f"peer {result.describe_sources()}"
             if len(used) <= 1
             else f"peers {result.describe_sources(1e9, ' GB')}"
-        )
+        ) + f" over {result.transport}"
         if relay is not None and relay.snapshot is not None and not relay.unavailable:
             self._keep_int8_copies(relay.snapshot, tensors)
             return relay.snapshot
