@@ -169,7 +169,8 @@ def token_file(logs):
 def seed_tp2(model, logs, token_file):
     """TP2 seed that requires a token (TOKEN_FILE): its peers below must present it."""
     prefix = logs / "seed2_"
-    extra = {"OUTPUT_PREFIX": str(prefix), "TOKEN_FILE": token_file}
+    # MOONCAKE on: over Mooncake's tcp protocol (no RDMA here) auto would not offer it.
+    extra = {"OUTPUT_PREFIX": str(prefix), "TOKEN_FILE": token_file, "MOONCAKE": "on"}
     inst = client(model, logs, "seed_tp2", extra, tp=2, hold=True)
     inst.result = inst.outputs()
     inst.addresses = [read_address(prefix, r) for r in (0, 1)]
@@ -184,7 +185,7 @@ def test_tp2_each_rank_pulls_from_matching_seed_rank(model, logs, seed_tp2, toke
     inst.stop()
     pulled = {int(m.group(1)): m.group(2) for m in PEER.finditer(inst.log())}
     assert pulled == {0: seed_tp2.addresses[0], 1: seed_tp2.addresses[1]}, inst.log()[-4000:]
-    # With a token, a seed offers mooncake where it is installed (make test installs it).
+    # A seed with MOONCAKE on offers it where it is installed (make test installs it).
     over = {m.group(3) for m in PEER.finditer(inst.log())}
     assert over == {"mooncake" if engine("mooncake").absent() is None else "tcp"}, over
     assert outputs == seed_tp2.result == plain_tp2

@@ -22,7 +22,8 @@ class MooncakeOptions:
         "auto",
         Setting(
             "offer the mooncake transport (one-sided reads of the served memory): auto = only "
-            "when a token is set (the engine's own port has no authentication), on, or off",
+            "when a token is set (the engine's own port has no authentication) and the protocol "
+            "is rdma (over Mooncake's tcp protocol netloader's TCP is faster), on, or off",
             dataclasses.replace(choice(OFFER_MODES), example="on"),
             "--mooncake",
             "MOONCAKE",

@@ -2,7 +2,9 @@
 
 When to use it. Where Mooncake is installed (``pip install 'netloader[mooncake]'``), a client
 with host-memory destinations proposes ``mooncake`` before TCP; a server offers it only when
-its setting says so (``MooncakeOptions.offer``: ``auto`` = only with a token). Otherwise the
+its setting says so (``MooncakeOptions.offer``: ``auto`` = only with a token and the ``rdma``
+protocol, where one-sided reads pay; over Mooncake's ``tcp`` protocol netloader's own TCP
+transport was twice as fast on loopback, so there it takes ``on``). Otherwise the
 next transport the client named is used, so mixed sources (one with Mooncake, one without) just
 work. Protocols: ``tcp`` (any host) and ``rdma`` (RDMA NICs), the same at both ends.
 
@@ -80,7 +82,8 @@ class MooncakeEngine(Engine):
 
     def enabled(self, options: ServeOptions) -> bool:
         mode = options.mooncake.offer
-        if mode == "off" or (mode == "auto" and options.token is None):
+        auto_ok = options.token is not None and options.mooncake.protocol != "tcp"
+        if mode == "off" or (mode == "auto" and not auto_ok):
             return False
         reason = self.te.absent()
         if reason is not None:
