@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from netloader.artifact_options import ArtifactOptions
 from netloader.auth import TOKEN_ENV
 from netloader.mooncake_options import MooncakeOptions
 from netloader.plan import MAX_CHUNK, MIN_CHUNK
 from netloader.protocol.fields import MAX_STREAMS
-from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, choice, integer, optional, size
+from netloader.rules import FLAG, NAMES, RATE, SECONDS, TEXT, integer, optional, size
 from netloader.rules import parse_rate as parse_rate  # its former home: importers keep working
 from netloader.settings import Group, Setting, check_fields, declared
 from netloader.settings import with_keywords as with_keywords  # its former home
@@ -130,47 +131,6 @@ class Limits:
             integer(1, MAX_STREAMS),
             "--max-streams",
             "MAX_STREAMS",
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-
-ARTIFACT_MODES = ("off", "token", "trusted-network")
-
-
-@dataclass(frozen=True)
-class ArtifactOptions:
-    """Whether compile artifacts (native code the receiver runs) travel, and the most one
-    cache entry may hold: a server offers and a vLLM client takes none beyond these."""
-
-    mode: str = declared(
-        "token",
-        Setting(
-            "token: compile artifacts travel only between peers that proved the shared token; "
-            "trusted-network: also without a token (a WARNING says so); off: never",
-            choice(ARTIFACT_MODES),
-            "--artifacts",
-            "ARTIFACTS",
-        ),
-    )
-    max_files: int = declared(
-        100_000,
-        Setting(
-            "the most files of one compile-cache entry offered or taken",
-            integer(1),
-            "--artifacts-max-files",
-            "ARTIFACTS_MAX_FILES",
-        ),
-    )
-    max_bytes: int = declared(
-        8 << 30,
-        Setting(
-            "the most bytes of one compile-cache entry offered or taken",
-            size(1),
-            "--artifacts-max-bytes",
-            "ARTIFACTS_MAX_BYTES",
         ),
     )
 
