@@ -32,7 +32,7 @@ from netloader_testing import child_env
 START_TIMEOUT = 300
 WEIGHTS_PHASE = re.compile(
     r"netloader: rank (?P<rank>\d+) (?:(?P<model>draft) )?weights phase from "
-    r"(?P<path>storage|peer \S+|peers .+?): "
+    r"(?P<path>storage|peer \S+|peers .+?)(?: over (?P<transport>\S+))?: "
     r"(?P<gb>[\d.]+) GB in (?P<s>[\d.]+) s \((?P<gbps>[\d.]+) GB/s\)"
 )
 #: The speculative-decoding counters vLLM keeps (offline: ``LLM.get_metrics()``; the server:
@@ -48,6 +48,7 @@ class WeightsPhase:
     seconds: float
     gbps: float
     model: str = "target"  # or "draft": a speculative-decoding draft model
+    transport: str = ""  # a peer path's transport ("tcp", "mooncake", ...)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class _Process:
             WeightsPhase(
                 *(int(m["rank"]), m["path"], float(m["gb"]), float(m["s"]), float(m["gbps"])),
                 model=m["model"] or "target",
+                transport=m["transport"] or "",
             )
             for m in WEIGHTS_PHASE.finditer(self.log())
         ]
