@@ -20,7 +20,7 @@ from netloader.client.transfer import Report, Transfer
 from netloader.client.transports import run_transport
 from netloader.errors import Code, PeerClosed, PullError, Refused, TransferTimeout, as_pull_error
 from netloader.protocol import Accept
-from netloader.sockets import shutdown
+from netloader.sockets import shutdown, split_address
 from netloader.transport import Incoming
 
 log = logging.getLogger("netloader.client")
@@ -107,9 +107,16 @@ class SourceRun:
         t = self.transfer
         self.streams = accept.streams
         self.transport = accept.transport
+        host, port = self.endpoint.host, self.endpoint.port
+        dialled = None
+        if accept.data is not None and split_address(accept.data) != (host, port):
+            # Reached by a name or a balancing address: every data connection goes to the
+            # server that accepted, not to whichever the name picks next.
+            dialled, (host, port) = (host, port), split_address(accept.data)
         return Incoming(
-            host=self.endpoint.host,
-            port=self.endpoint.port,
+            host=host,
+            port=port,
+            dialled=dialled,
             session=accept.session,
             streams=accept.streams,
             plan=t.dest.plan,

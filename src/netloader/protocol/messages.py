@@ -183,6 +183,9 @@ class Accept(Message):
     delivers: bool = True
     #: Which function made ``digests`` (``digest.DIGEST_KINDS``); absent means XXH3.
     digest: str = XXH3
+    #: The server's own address, for this session's data connections: the client dials it,
+    #: not the name or balancing address it reached the server by (absent: the address dialled).
+    data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,6 +203,7 @@ class Accept(Message):
             "peers": self.peers,
             "stay": self.delivers,
             "digest": self.digest,
+            "data": self.data,
         }
 
     @classmethod
@@ -249,6 +253,7 @@ class Accept(Message):
             peers=addresses(o, "peers"),
             delivers=typed(o, "stay", bool),
             digest=kind,
+            data=None if o.get("data") is None else address(o["data"]),
         )
 
 

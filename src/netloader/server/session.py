@@ -25,7 +25,7 @@ from netloader.server.catalog import ServedModel
 from netloader.server.handshake import Gate
 from netloader.server.relays import Placement
 from netloader.snapshot import Snapshot
-from netloader.sockets import keepalive
+from netloader.sockets import keepalive, local_address
 from netloader.transport import Engine, Outgoing
 
 log = logging.getLogger("netloader.server")
@@ -136,6 +136,7 @@ class Session:
             peers=list(placement.peers),
             delivers=placement.here,
             digest=snapshot.digest_kind,
+            data=local_address(self.conv.channel.sock) if placement.here else None,
         )
 
     def _send(self) -> bool:

@@ -30,6 +30,7 @@ from netloader.pacing import Pacer
 from netloader.plan import Plan
 from netloader.protocol import MAX_TEXT, Message
 from netloader.snapshot import Snapshot, describe_changed
+from netloader.sockets import connect
 
 if TYPE_CHECKING:
     from netloader.options import ServeOptions
@@ -113,6 +114,18 @@ class Incoming:
     #: The transport that really moved the bytes (one may fall back to another, e.g. CUDA IPC
     #: to TCP); set by the client from the Accept.
     transport: str = ""
+    #: The address the client dialled, when the Accept named another one for data connections
+    #: (``host``, ``port``): tried if that one cannot be reached (a server behind NAT).
+    dialled: tuple[str, int] | None = None
+
+    def connect(self) -> socket.socket:
+        """A data connection to the server that accepted."""
+        try:
+            return connect(self.host, self.port, self.idle)
+        except OSError:
+            if self.dialled is None:
+                raise
+            return connect(*self.dialled, self.idle)
 
     def verify(self, index: int, views: list[memoryview] | None = None) -> None:
         """Check chunk ``index``, now in place, against its digest, computed where it landed

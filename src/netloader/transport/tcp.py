@@ -21,7 +21,7 @@ import torch
 from netloader.digest import XXH3, streaming
 from netloader.errors import Code, ProtocolError, Refused, TensorsChanged, Withdrawn
 from netloader.protocol import MAX_STREAMS, Channel, Hello, Refuse, StreamAttach, encode
-from netloader.sockets import connect, kernel_timeouts
+from netloader.sockets import kernel_timeouts
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.chunks import (
     CHUNK_HEADER,
@@ -185,7 +185,7 @@ def take_answer(sock: socket.socket, inc: Incoming, asked: collections.deque[int
 
 def open_stream(inc: Incoming, index: int) -> socket.socket:
     """Data connection ``index`` of ``inc``'s session, attached."""
-    sock = connect(inc.host, inc.port, inc.idle)
+    sock = inc.connect()
     try:
         channel = Channel(sock, inc.idle)
         channel.recv(Hello)
