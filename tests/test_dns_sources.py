@@ -14,10 +14,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_same
+from helpers import all_cases, assert_same, in_process_server
 from netbed_fixtures import require_netbed
 from safetensors.torch import load_file, save_file
 
+from netloader import ConfigError, Identity, Server, pull
+from netloader.client import parse_source
+from netloader.client.control import Endpoint
+from netloader.client.names import resolve
+from netloader.sockets import free_port
 from netloader.synthetic import llm_like
 from netloader_testing import dns
 from netloader_testing.netbed import NetBed
@@ -54,9 +59,9 @@ def serve(host, folder, *extra: str) -> subprocess.Popen:
     return proc
 
 
-def pull(host, source: str, out, *extra: str) -> subprocess.CompletedProcess:
+def cli_pull(host, sources: list[str], out, *extra: str) -> subprocess.CompletedProcess:
     return host.run(
-        [*NETLOADER, "pull", source, "--out", out, *extra],
+        [*NETLOADER, "pull", *sources, "--out", out, *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -79,14 +84,17 @@ SEEDS = {"a": "100mbit", "b": "100mbit", "c": "100mbit", "client": "1gbit"}
 
 def test_a_name_with_three_addresses_stripes_over_all_three(checkpoint, tmp_path):
     """Three seeds behind one name (3 A records): the pull takes chunks from each of them, and
-    every connection of one source reached the seed that accepted (the pull is bit-exact)."""
+    every connection of one source reached the seed that accepted (the pull is bit-exact). A
+    name that does not resolve costs only itself."""
     folder, tensors = checkpoint
     with NetBed(SEEDS) as bed:
         addresses = [bed[name].address for name in "abc"]
         for name in "abc":
             serve(bed[name], folder)
         with dns.NameServer(bed["client"], {NAME: addresses}):
-            proc = pull(bed["client"], f"{NAME}:{PORT}", tmp_path / "out")
+            # A name the server does not know fails as unreachable, in its place.
+            names = [f"missing.test:{PORT}", f"{NAME}:{PORT}"]
+            proc = cli_pull(bed["client"], names, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     shares = dict(SHARE.findall(proc.stdout))
     assert set(shares) == {f"{a}:{PORT}" for a in addresses}, proc.stdout
@@ -106,6 +114,36 @@ def test_every_connection_of_a_source_reaches_the_seed_that_accepted_behind_a_ba
             serve(bed[name], folder)
         vip = str(bed["client"].address).rsplit(".", 1)[0] + ".200"
         balance(bed["client"], vip, [bed[name].address for name in "abc"])
-        proc = pull(bed["client"], f"{vip}:{PORT}", tmp_path / "out", "--streams", "8")
+        proc = cli_pull(bed["client"], [f"{vip}:{PORT}"], tmp_path / "out", "--streams", "8")
     assert proc.returncode == 0, proc.stderr
     assert_same(tensors, load_file(tmp_path / "out" / "model.safetensors"))
+
+
+# --- without a bed: names on loopback ---------------------------------------------------
+
+
+def test_a_name_is_one_source_per_address_never_the_clients_own_server():
+    """``localhost`` (127.0.0.1 in /etc/hosts) becomes its address; the client's own server's
+    address, given literally or by name, is not a source; literal addresses stay as given."""
+    port = free_port()
+    assert [e.text for e in resolve([Endpoint.parse(f"localhost:{port}")])] == [f"127.0.0.1:{port}"]
+    own = Endpoint.parse(f"127.0.0.1:{port}")
+    given = [Endpoint.parse(f"localhost:{port}"), own, Endpoint.parse(f"127.0.0.1:{port + 1}")]
+    assert [e.text for e in resolve(given, own)] == [f"127.0.0.1:{port + 1}"]
+
+
+def test_a_relay_pulling_from_a_name_that_includes_itself_takes_only_from_the_others():
+    """A replica whose name resolves to its own address too (as a headless Service's may):
+    it pulls from the seed alone, never from itself; a name that gives only its own address
+    leaves no source, and says so."""
+    ident = Identity("test-model")
+    with in_process_server(all_cases(), host="127.0.0.1") as seed:
+        _, port = parse_source(seed.address)
+        with Server(None, ident, host="127.0.0.1").start() as replica:
+            _, own = parse_source(replica.address)
+            with pytest.raises(ConfigError, match="only this client's own server"):
+                pull([f"localhost:{own}"], ident, relay=replica, handshake_timeout=2)
+        with Server(None, ident, host="127.0.0.1").start() as replica:
+            _, own = parse_source(replica.address)
+            result = pull([f"localhost:{own}", f"localhost:{port}"], ident, relay=replica)
+    assert list(result.sources) == [seed.address]

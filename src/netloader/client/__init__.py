@@ -25,6 +25,7 @@ import torch
 from netloader import events
 from netloader.client.control import Control, Endpoint
 from netloader.client.destination import Landing, device_of
+from netloader.client.names import resolve
 from netloader.client.relay import Relaying
 from netloader.client.result import PullResult
 from netloader.client.schedule import pull_striped
@@ -91,9 +92,15 @@ def pull(
     )
     hooks = dataclasses.replace(hooks, progress=_observed(identity.model, hooks.progress))
     options = with_keywords(options or PullOptions(), keywords)
-    endpoints = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
-    if not endpoints:
+    given = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
+    if not given:
         raise ConfigError("no sources given")
+    own = Endpoint.parse(relay.address) if relay is not None and relay.address else None
+    endpoints = resolve(given, own)
+    if not endpoints:
+        raise ConfigError(
+            f"no source left: {', '.join(e.text for e in given)} name only this client's own server"
+        )
     check_known(options.transports)
     if relay is not None and identity.model not in relay.catalog:
         raise ConfigError(
