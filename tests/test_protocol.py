@@ -23,6 +23,7 @@ from netloader.protocol import (
     MAGIC,
     MESSAGES,
     Accept,
+    Attached,
     Channel,
     Done,
     Hello,
@@ -94,6 +95,7 @@ def accepts(draw):
         peers=draw(st.lists(addresses, max_size=4)),
         delivers=draw(st.booleans()),
         digest=draw(st.sampled_from(["xxh3-64", "wsum64"])),
+        data=draw(st.none() | addresses),
     )
 
 
@@ -140,7 +142,8 @@ by_kind = {
         st.lists(addresses, max_size=4),
     ),
     "info": st.builds(InfoRequest, st.integers(0, 100), hexes(16), st.none() | hexes(32)),
-    "stream": st.builds(StreamAttach, hexes(16), st.integers(0, 63)),
+    "stream": st.builds(StreamAttach, hexes(16), st.integers(0, 63), st.booleans()),
+    "attached": st.builds(Attached),
     "accept": accepts(),
     "refuse": st.builds(Refuse, st.text(max_size=64), texts),
     "info_reply": st.builds(
@@ -489,7 +492,12 @@ FIELDS = {
         "avoid": is_addresses,
     },
     "info": {"protocol": PROTOCOL, "nonce": NONCE, "mac": MAC},
-    "stream": {"session": is_hex(16), "index": is_int(0, 63)},
+    "stream": {
+        "session": is_hex(16),
+        "index": is_int(0, 63),
+        "confirm": lambda v, o: v is None or type(v) is bool,  # absent: false
+    },
+    "attached": {},
     "accept": {
         "session": is_hex(16),
         "identity": is_identity,
@@ -504,6 +512,7 @@ FIELDS = {
         "peers": is_addresses,
         "stay": is_bool,
         "digest": is_digest_kind,
+        "data": lambda v, o: v is None or is_address(v),  # absent: the address dialled
     },
     "refuse": {"code": is_text(64), "reason": is_text(4096)},  # an empty reason is allowed
     "info_reply": {
@@ -540,6 +549,8 @@ def canonical(kind: str, fields: dict) -> str:
     if kind == "accept":
         out["aliases"] = sorted(dict(map(tuple, out["aliases"])).items())
         out["digest"] = out["digest"] or "xxh3-64"  # absent: the digests are XXH3
+    if kind == "stream":
+        out["confirm"] = bool(out["confirm"])  # absent: false
     return json.dumps(out, sort_keys=True)
 
 
@@ -574,11 +585,10 @@ def mutated_objects(draw):
     """A valid message with some fields replaced by arbitrary JSON, removed, or added."""
     obj = draw(messages).to_json()
     keys = sorted(k for k in obj if k != "kind")
-    for key in draw(st.sets(st.sampled_from(keys), max_size=2)):
+    own = st.sampled_from(keys) if keys else st.nothing()  # a kind may have no fields
+    for key in draw(st.sets(own, max_size=2)) if keys else ():
         del obj[key]
-    changes = draw(
-        st.dictionaries(st.sampled_from(keys) | st.text(max_size=12), json_values, max_size=3)
-    )
+    changes = draw(st.dictionaries(own | st.text(max_size=12), json_values, max_size=3))
     return {**obj, **changes, "kind": obj["kind"]}
 
 

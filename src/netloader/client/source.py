@@ -108,15 +108,13 @@ class SourceRun:
         self.streams = accept.streams
         self.transport = accept.transport
         host, port = self.endpoint.host, self.endpoint.port
-        dialled = None
-        if accept.data is not None and split_address(accept.data) != (host, port):
-            # Reached by a name or a balancing address: every data connection goes to the
-            # server that accepted, not to whichever the name picks next.
-            dialled, (host, port) = (host, port), split_address(accept.data)
+        # Reached by a balancing address, data connections must still reach the server that
+        # accepted: those the address sends elsewhere go to the server's own address.
+        data = None if accept.data is None else split_address(accept.data)
         return Incoming(
             host=host,
             port=port,
-            dialled=dialled,
+            data=data if data != (host, port) else None,
             session=accept.session,
             streams=accept.streams,
             plan=t.dest.plan,

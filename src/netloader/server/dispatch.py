@@ -19,6 +19,7 @@ from netloader import events
 from netloader.errors import Code, ProtocolError, Refusal
 from netloader.protocol import (
     PROTOCOL_VERSION,
+    Attached,
     Channel,
     Done,
     InfoReply,
@@ -147,8 +148,15 @@ class Dispatcher:
 
     def _attach(self, conn: Connection, request: StreamAttach) -> bool:
         session = self.sessions.get(request.session)
+        if request.confirm:  # answered before the transport's thread may write on it
+            channel = Channel(conn.sock, self.context.timeouts.idle)
+            reason = "no session of that id here (this address reached another server)"
+            channel.send_if_open(Attached() if session else Refuse(Code.UNAVAILABLE, reason))
         if session is None or not session.transport.attach(conn.sock, request.index):
-            log.warning("dropping %s: data connection for no open stream of a session", conn.peer)
+            if not request.confirm:
+                log.warning(
+                    "dropping %s: data connection for no open stream of a session", conn.peer
+                )
             return False
         return True
 

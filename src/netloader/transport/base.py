@@ -30,7 +30,6 @@ from netloader.pacing import Pacer
 from netloader.plan import Plan
 from netloader.protocol import MAX_TEXT, Message
 from netloader.snapshot import Snapshot, describe_changed
-from netloader.sockets import connect
 
 if TYPE_CHECKING:
     from netloader.options import ServeOptions
@@ -114,18 +113,15 @@ class Incoming:
     #: The transport that really moved the bytes (one may fall back to another, e.g. CUDA IPC
     #: to TCP); set by the client from the Accept.
     transport: str = ""
-    #: The address the client dialled, when the Accept named another one for data connections
-    #: (``host``, ``port``): tried if that one cannot be reached (a server behind NAT).
-    dialled: tuple[str, int] | None = None
+    #: The server's own address from the Accept, when it differs from the one dialled
+    #: (``host``, ``port``): data connections that the dialled address sends to another server
+    #: (a balancing address) go there instead.
+    data: tuple[str, int] | None = None
 
-    def connect(self) -> socket.socket:
-        """A data connection to the server that accepted."""
-        try:
-            return connect(self.host, self.port, self.idle)
-        except OSError:
-            if self.dialled is None:
-                raise
-            return connect(*self.dialled, self.idle)
+    @property
+    def server_host(self) -> str:
+        """The host of the very server that accepted (for a transport's own rendezvous)."""
+        return self.data[0] if self.data is not None else self.host
 
     def verify(self, index: int, views: list[memoryview] | None = None) -> None:
         """Check chunk ``index``, now in place, against its digest, computed where it landed
