@@ -31,16 +31,19 @@ class Admission:
         if self._waiting is None or not self._waiting.acquire(blocking=False):
             raise _busy(f"{full} and the waiting queue are full")
         events.emit(events.Queued(peer, self.limits.max_clients))
+        admitted = False
         try:
             while not self.closing.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 if self._slots.acquire(timeout=min(left, 0.5)):
+                    admitted = True
                     return
             raise _busy(f"{full} stayed in use for {patience:g} s")
         finally:
             self._waiting.release()
+            events.emit(events.QueueLeft(peer, admitted))
 
     def release(self) -> None:
         self._slots.release()
