@@ -31,6 +31,8 @@ from netloader.protocol import (
     InfoRequest,
     PullRequest,
     Refuse,
+    StatusReply,
+    StatusRequest,
     StreamAttach,
     decode,
     encode,
@@ -142,6 +144,13 @@ by_kind = {
         st.lists(addresses, max_size=4),
     ),
     "info": st.builds(InfoRequest, st.integers(0, 100), hexes(16), st.none() | hexes(32)),
+    "status": st.builds(StatusRequest, st.integers(0, 100), hexes(16), st.none() | hexes(32)),
+    "status_reply": st.builds(
+        StatusReply,
+        st.integers(0, 100),
+        st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10), max_size=4),
+        st.none() | hexes(32),
+    ),
     "stream": st.builds(StreamAttach, hexes(16), st.integers(0, 63), st.booleans()),
     "attached": st.builds(Attached),
     "accept": accepts(),
@@ -492,6 +501,8 @@ FIELDS = {
         "avoid": is_addresses,
     },
     "info": {"protocol": PROTOCOL, "nonce": NONCE, "mac": MAC},
+    "status": {"protocol": PROTOCOL, "nonce": NONCE, "mac": MAC},
+    "status_reply": {"protocol": PROTOCOL, "status": lambda v, o: type(v) is dict, "mac": MAC},
     "stream": {
         "session": is_hex(16),
         "index": is_int(0, 63),
@@ -533,7 +544,7 @@ FIELDS = {
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
-}
+} | {"status_reply": 1 << 20}
 
 
 def invalid_fields(obj: dict, body_size: int) -> list[str]:

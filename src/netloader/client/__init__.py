@@ -51,7 +51,7 @@ log = logging.getLogger("netloader.client")
 
 _HOOKS = ("progress", "on_accept", "allocate")
 
-__all__ = ["PullResult", "info", "parse_source", "pull"]
+__all__ = ["PullResult", "info", "parse_source", "pull", "status"]
 
 
 def parse_source(source: str) -> tuple[str, int]:
@@ -154,6 +154,24 @@ def info(
     try:
         with Control.open(endpoint, timeouts, token) as control:
             return control.ask_info()
+    except PullError as exc:
+        exc.source = source
+        raise
+
+
+def status(
+    source: str,
+    *,
+    token: bytes | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    timeout: float = CLIENT_HANDSHAKE_TIMEOUT,
+) -> dict[str, Any]:
+    """What the server at ``source`` is doing (see ``server.status.report``)."""
+    endpoint = Endpoint.parse(source)
+    timeouts = Timeouts(connect=connect_timeout, handshake=timeout, idle=timeout)
+    try:
+        with Control.open(endpoint, timeouts, token) as control:
+            return control.ask_status().status
     except PullError as exc:
         exc.source = source
         raise

@@ -28,6 +28,7 @@ from netloader.protocol.messages import (
     allow_offer,
     register,
 )
+from netloader.protocol.status import StatusReply, StatusRequest
 
 __all__ = [
     "HEADER",
@@ -53,6 +54,8 @@ __all__ = [
     "Message",
     "PullRequest",
     "Refuse",
+    "StatusReply",
+    "StatusRequest",
     "StreamAttach",
     "allow_offer",
     "decode",

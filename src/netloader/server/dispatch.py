@@ -2,9 +2,10 @@
 
 A connection's first message decides what it is: a ``PullRequest`` (checked, placed, admitted,
 then the thread runs the session; a relay's connection then stays open as its membership), a
-``StreamAttach`` (a data connection of a session, handed to its transport) or an
-``InfoRequest`` (answered at once). Every check raises ``errors.Refusal``; ``handle`` alone
-turns a refusal into the peer's ``Refuse`` message (and the event that logs it).
+``StreamAttach`` (a data connection of a session, handed to its transport), an
+``InfoRequest`` or a ``StatusRequest`` (answered at once; see ``status``). Every check raises
+``errors.Refusal``; ``handle`` alone turns a refusal into the peer's ``Refuse`` message (and
+the event that logs it).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from netloader.protocol import (
     InfoRequest,
     PullRequest,
     Refuse,
+    StatusRequest,
     StreamAttach,
 )
+from netloader.server import status
 from netloader.server.admission import Admission
 from netloader.server.catalog import Catalog, ServedModel
 from netloader.server.listener import Connection
@@ -92,6 +95,10 @@ class Dispatcher:
         self.admission = admission
         self.first = first
         self.sessions = Sessions()
+        self.tally = status.Tally()
+
+    def _live(self) -> status.Live:
+        return status.Live(self.catalog, self.tally, len(self.sessions), self.admission.queued)
 
     def handle(self, conn: Connection) -> bool:
         """Greet the peer and dispatch on its first message; True when the socket was handed
@@ -104,18 +111,21 @@ class Dispatcher:
         try:
             channel.send(conv.hello, conv.deadline)
             request = channel.recv_any(
-                PullRequest, InfoRequest, StreamAttach, deadline=conv.deadline
+                PullRequest, InfoRequest, StreamAttach, StatusRequest, deadline=conv.deadline
             )
             match request:
                 case StreamAttach():
                     return self._attach(conn, request)
                 case InfoRequest():
                     self._info(conv, request)
+                case StatusRequest():
+                    status.answer(self.context, conv, request, self._live())
                 case PullRequest():
                     model = request.identity.model
                     conn.handshake_over()
                     self._pull(conv, request)
         except Refusal as refusal:
+            self.tally.refused(str(refusal.code))
             events.emit(events.PullRefused(model, conn.peer, str(refusal.code), refusal.reason))
             channel.send_if_open(Refuse(refusal.code, refusal.reason))
         except ProtocolError as exc:
@@ -204,3 +214,4 @@ class Dispatcher:
                 return session.run(request, placement)
         finally:
             self.admission.release()
+            self.tally.served(model, session.out.sent)
