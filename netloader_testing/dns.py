@@ -14,7 +14,6 @@ killed at the bed's teardown).
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from netloader_testing.netbed import Host, NetBedError
 
-__all__ = ["NameServer", "available"]
+__all__ = ["NameServer"]
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -41,13 +40,6 @@ while True:
         sys.exit(f"{sys.argv[1]} did not resolve to {sys.argv[2]} addresses within 10 s")
     time.sleep(0.05)
 """
-
-
-def available() -> tuple[bool, str]:
-    """(True, "") when dnsmasq is installed (Debian's dnsmasq-base), else (False, why)."""
-    if shutil.which("dnsmasq") is None:
-        return False, "dnsmasq is not installed (Debian package dnsmasq-base)"
-    return True, ""
 
 
 class NameServer:

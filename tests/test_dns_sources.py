@@ -9,13 +9,12 @@ namespaces cannot be made or dnsmasq/iptables are missing.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 from helpers import all_cases, assert_same, in_process_server
-from netbed_fixtures import require_netbed
+from netbed_fixtures import require_netbed, require_tool
 from safetensors.torch import load_file, save_file
 
 from netloader import ConfigError, Identity, Server, pull
@@ -36,9 +35,7 @@ SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     require_netbed()
-    ok, why = dns.available()
-    if not ok:
-        pytest.skip(why)
+    require_tool("dnsmasq", "dnsmasq-base")
     folder = tmp_path_factory.mktemp("ckpt") / "model"
     folder.mkdir()
     tensors = llm_like(24 << 20, seed=5)
@@ -102,12 +99,12 @@ def test_a_name_with_three_addresses_stripes_over_all_three(checkpoint, tmp_path
     assert_same(tensors, load_file(tmp_path / "out" / "model.safetensors"))
 
 
-@pytest.mark.skipif(shutil.which("iptables") is None, reason="iptables is not installed")
 def test_every_connection_of_a_source_reaches_the_seed_that_accepted_behind_a_balancer(
     checkpoint, tmp_path
 ):
     """A balancing address that sends each new connection to a random seed: the data
     connections follow the Accept to the seed that accepted, and the pull is bit-exact."""
+    require_tool("iptables", "iptables")
     folder, tensors = checkpoint
     with NetBed(SEEDS) as bed:
         for name in "abc":

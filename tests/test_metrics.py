@@ -8,7 +8,6 @@ query API until the values appear (with a deadline). Skipped where prometheus is
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import ServerProcess, all_cases
+from netbed_fixtures import require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from netloader import Identity, Refused, Server, pull
@@ -29,8 +29,7 @@ IDENT = Identity("test-model")
 def prometheus(tmp_path) -> Iterator[tuple[str, int]]:
     """A Prometheus that scrapes ``127.0.0.1:<target port>`` every second: its API address
     and the target port, for the test's server to take."""
-    if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is not installed (Debian package prometheus)")
+    require_tool("prometheus", "prometheus")
     target, web = free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
