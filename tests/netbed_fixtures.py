@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -18,3 +19,14 @@ def require_netbed() -> None:
     if os.environ.get("NETLOADER_REQUIRE_NETNS") == "1":
         pytest.fail(f"NETLOADER_REQUIRE_NETNS=1 but no network namespaces: {reason}")
     pytest.skip(f"no network namespaces: {reason}")
+
+
+def require_tool(tool: str, package: str) -> None:
+    """Skip the calling test when ``tool`` is not installed; fail it instead under
+    NETLOADER_REQUIRE_NETNS=1 (CI, where tools/system-packages.sh installs ``package``)."""
+    if shutil.which(tool) is not None:
+        return
+    why = f"{tool} is not installed (Debian package {package}, see tools/system-packages.sh)"
+    if os.environ.get("NETLOADER_REQUIRE_NETNS") == "1":
+        pytest.fail(f"NETLOADER_REQUIRE_NETNS=1 but {why}")
+    pytest.skip(why)

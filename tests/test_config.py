@@ -86,7 +86,7 @@ def test_config_file_wins(tmp_path):
     ("extra", "fragments"),
     [
         ({"PORT": 1}, ["'PORT'", "allowed: SOURCE, MODEL, LISTEN_PORT"]),
-        ({"SOURCE": "1.2.3.4:5"}, ["SOURCE must be a list", "'1.2.3.4:5'"]),
+        ({"SOURCE": 7000}, ["SOURCE must be a list", 'or one "NAME:port" string', "got 7000"]),
         ({"SOURCE": [{"device_id": 0}]}, ["SOURCE[0]", '"device_id" and "sources"']),
         (
             {"SOURCE": [{"device_id": "0", "sources": []}]},
@@ -152,3 +152,15 @@ def test_bad_config_files(tmp_path, content, fragment):
 def test_not_an_object():
     with pytest.raises(ConfigError, match="must be a JSON object, got list"):
         NetloaderConfig.parse([1])
+
+
+def test_source_as_one_name_gives_every_rank_its_own_port():
+    """``"SOURCE": "NAME:PORT"``: rank r takes from NAME at PORT + r (every address of the
+    name, resolved when the pull starts); a bad string or a port past 65535 is named."""
+    cfg = NetloaderConfig.parse({"SOURCE": "seeds.llm.svc.cluster.local:7000"})
+    assert cfg.sources_for(0) == ["seeds.llm.svc.cluster.local:7000"]
+    assert cfg.sources_for(3) == ["seeds.llm.svc.cluster.local:7003"]
+    with pytest.raises(ConfigError, match=r"SOURCE: source 'seeds' is not 'host:port'"):
+        NetloaderConfig.parse({"SOURCE": "seeds"})
+    with pytest.raises(ConfigError, match="rank 1 port 65536, beyond 65535"):
+        NetloaderConfig.parse({"SOURCE": "seeds:65535"}).sources_for(1)

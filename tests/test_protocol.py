@@ -23,6 +23,7 @@ from netloader.protocol import (
     MAGIC,
     MESSAGES,
     Accept,
+    Attached,
     Channel,
     Done,
     Hello,
@@ -30,6 +31,8 @@ from netloader.protocol import (
     InfoRequest,
     PullRequest,
     Refuse,
+    StatusReply,
+    StatusRequest,
     StreamAttach,
     decode,
     encode,
@@ -94,6 +97,7 @@ def accepts(draw):
         peers=draw(st.lists(addresses, max_size=4)),
         delivers=draw(st.booleans()),
         digest=draw(st.sampled_from(["xxh3-64", "wsum64"])),
+        data=draw(st.none() | addresses),
     )
 
 
@@ -140,7 +144,15 @@ by_kind = {
         st.lists(addresses, max_size=4),
     ),
     "info": st.builds(InfoRequest, st.integers(0, 100), hexes(16), st.none() | hexes(32)),
-    "stream": st.builds(StreamAttach, hexes(16), st.integers(0, 63)),
+    "status": st.builds(StatusRequest, st.integers(0, 100), hexes(16), st.none() | hexes(32)),
+    "status_reply": st.builds(
+        StatusReply,
+        st.integers(0, 100),
+        st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=10), max_size=4),
+        st.none() | hexes(32),
+    ),
+    "stream": st.builds(StreamAttach, hexes(16), st.integers(0, 63), st.booleans()),
+    "attached": st.builds(Attached),
     "accept": accepts(),
     "refuse": st.builds(Refuse, st.text(max_size=64), texts),
     "info_reply": st.builds(
@@ -489,7 +501,14 @@ FIELDS = {
         "avoid": is_addresses,
     },
     "info": {"protocol": PROTOCOL, "nonce": NONCE, "mac": MAC},
-    "stream": {"session": is_hex(16), "index": is_int(0, 63)},
+    "status": {"protocol": PROTOCOL, "nonce": NONCE, "mac": MAC},
+    "status_reply": {"protocol": PROTOCOL, "status": lambda v, o: type(v) is dict, "mac": MAC},
+    "stream": {
+        "session": is_hex(16),
+        "index": is_int(0, 63),
+        "confirm": lambda v, o: v is None or type(v) is bool,  # absent: false
+    },
+    "attached": {},
     "accept": {
         "session": is_hex(16),
         "identity": is_identity,
@@ -504,6 +523,7 @@ FIELDS = {
         "peers": is_addresses,
         "stay": is_bool,
         "digest": is_digest_kind,
+        "data": lambda v, o: v is None or is_address(v),  # absent: the address dialled
     },
     "refuse": {"code": is_text(64), "reason": is_text(4096)},  # an empty reason is allowed
     "info_reply": {
@@ -524,7 +544,7 @@ FIELDS = {
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
-}
+} | {"status_reply": 1 << 20}
 
 
 def invalid_fields(obj: dict, body_size: int) -> list[str]:
@@ -540,6 +560,8 @@ def canonical(kind: str, fields: dict) -> str:
     if kind == "accept":
         out["aliases"] = sorted(dict(map(tuple, out["aliases"])).items())
         out["digest"] = out["digest"] or "xxh3-64"  # absent: the digests are XXH3
+    if kind == "stream":
+        out["confirm"] = bool(out["confirm"])  # absent: false
     return json.dumps(out, sort_keys=True)
 
 
@@ -574,11 +596,10 @@ def mutated_objects(draw):
     """A valid message with some fields replaced by arbitrary JSON, removed, or added."""
     obj = draw(messages).to_json()
     keys = sorted(k for k in obj if k != "kind")
-    for key in draw(st.sets(st.sampled_from(keys), max_size=2)):
+    own = st.sampled_from(keys) if keys else st.nothing()  # a kind may have no fields
+    for key in draw(st.sets(own, max_size=2)) if keys else ():
         del obj[key]
-    changes = draw(
-        st.dictionaries(st.sampled_from(keys) | st.text(max_size=12), json_values, max_size=3)
-    )
+    changes = draw(st.dictionaries(own | st.text(max_size=12), json_values, max_size=3))
     return {**obj, **changes, "kind": obj["kind"]}
 
 

@@ -9,10 +9,12 @@ import json
 import os
 import re
 import signal
+import urllib.request
 from pathlib import Path
 
 import pytest
 from helpers import Proxy, kill_after
+from prometheus_client.parser import text_string_to_metric_families
 
 from netloader.sockets import free_port
 from netloader.transport import engine
@@ -92,12 +94,17 @@ def source(*addresses, device_id=0):
 
 @pytest.fixture(scope="module")
 def peer_client(model, logs, seed):
-    """TP1 client pulling from the seed; it stays up to serve the next instance."""
+    """TP1 client pulling from the seed; it stays up to serve the next instance. Its SOURCE is
+    the one-string form with a name (rank 0 takes from every address of localhost at the
+    seed's port), and it serves metrics."""
     prefix = logs / "client_"
-    extra = {"SOURCE": [source(seed.address)], "OUTPUT_PREFIX": str(prefix)}
-    inst = client(model, logs, "client", extra, hold=True)
+    port = seed.address.rsplit(":", 1)[1]
+    metrics_port = free_port()
+    extra = {"SOURCE": f"localhost:{port}", "OUTPUT_PREFIX": str(prefix)}
+    inst = client(model, logs, "client", extra | {"METRICS_PORT": metrics_port}, hold=True)
     inst.result = inst.outputs()
     inst.address = read_address(prefix, 0)
+    inst.metrics_port = metrics_port
     yield inst
     inst.stop()
 
@@ -115,6 +122,22 @@ def test_tp1_client_loads_from_peer_and_answers_identically(peer_client, seed, p
     assert FALLBACK not in peer_client.log()
     assert peer_client.result == seed.outputs == plain
     assert len(set(plain)) == len(PROMPTS)  # the outputs do tell the weights apart
+
+
+def test_client_counts_its_peer_load_in_its_metrics(peer_client):
+    """The client's METRICS_PORT (rank 0: the port itself) says it loaded from a peer, how
+    long the weights phase took, and what it pulled."""
+    url = f"http://127.0.0.1:{peer_client.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.read().decode())
+            for s in family.samples
+        }
+    assert samples[("netloader_loads_total", (("path", "peer"),))] == 1
+    assert samples[("netloader_weights_phase_seconds_count", (("path", "peer"),))] == 1
+    pulled = [v for (name, _), v in samples.items() if name == "netloader_pulled_bytes_total"]
+    assert pulled and pulled[0] > 0
 
 
 def test_client_serves_a_third_instance_and_config_file_wins(

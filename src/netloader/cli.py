@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from netloader import auth, settings, transport
 from netloader.checkpoint import SafetensorsOutput, load_checkpoint
-from netloader.client import PullResult, info, pull
+from netloader.client import PullResult, info, pull, status
 from netloader.errors import AllSourcesFailed, ConfigError, NetloaderError, PullError
 from netloader.identity import Identity
 from netloader.manifest import Manifest
@@ -127,6 +127,13 @@ def _info_parser(sub: Any) -> None:
     settings.add_flags(info_, PullOptions(), only=("timeouts.connect",))
     _token_arg(info_)
     info_.set_defaults(run=_info)
+    status_ = sub.add_parser(
+        "status", help="print what a live server is doing, as one JSON object; no weights move"
+    )
+    status_.add_argument("source", help="HOST:PORT")
+    settings.add_flags(status_, PullOptions(), only=("timeouts.connect",))
+    _token_arg(status_)
+    status_.set_defaults(run=_status)
 
 
 def _bench_parser(sub: Any) -> None:
@@ -267,6 +274,13 @@ def _info(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    options = _pull_options(args)
+    found = status(args.source, token=options.token, connect_timeout=options.timeouts.connect)
+    print(json.dumps({"source": args.source, **found}))
     return 0
 
 

@@ -55,6 +55,14 @@ class Queued(Event):
 
 
 @dataclass(frozen=True)
+class QueueLeft(Event):
+    """A client that waited for a transfer slot stops waiting: ``admitted``, or refused."""
+
+    peer: str
+    admitted: bool
+
+
+@dataclass(frozen=True)
 class Placed(Event):
     """A server sent ``peer`` to pull ``model`` from ``upstream`` peers (relays)."""
 
@@ -113,6 +121,17 @@ class Pulled(Event):
     nbytes: int
     seconds: float
     refetched: int
+
+
+@dataclass(frozen=True)
+class WeightsLoaded(Event):
+    """A model's weights phase ended (vLLM loader): ``path`` is ``peer`` or ``storage``."""
+
+    model: str
+    rank: int
+    path: str
+    nbytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)

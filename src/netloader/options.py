@@ -138,13 +138,20 @@ class Limits:
         check_fields(self)
 
 
+_METRICS_PORT = Setting(
+    "base port of Prometheus metrics (HTTP /metrics): each rank serves them on it + rank",
+    *(optional(integer()), "--metrics-port", "METRICS_PORT"),
+    cli_rule=dataclasses.replace(integer(1024, 65535), metavar="PORT"),
+    unset="no metrics",
+)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How a server listens and whom it serves (each field's declaration says what it means).
 
-    ``listen_port`` is a base port: the server listens on ``listen_port + rank``; None lets the
-    OS choose. ``cuda_ipc`` lets clients on this host map the served CUDA tensors, read-write:
-    see ``transport.cuda_ipc``.
+    ``listen_port`` and ``metrics_port`` are base ports (each rank adds its rank). ``cuda_ipc``
+    lets clients on this host map the served CUDA tensors, read-write: see ``transport.cuda_ipc``.
     """
 
     host: str = declared(
@@ -170,6 +177,7 @@ class ServeOptions:
             "worker opens no listener (a warning says so)",
         ),
     )
+    metrics_port: int | None = declared(None, _METRICS_PORT)
     output_prefix: str | None = declared(
         None,
         Setting(

@@ -79,6 +79,13 @@ def split_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def local_address(sock: socket.socket) -> str:
+    """``host:port`` (``[v6]:port``) this connection reached on this machine: behind a name or
+    a balancing address (DNAT), the address of this very server."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def peer_name(peer: object) -> str:
     """``host:port`` of an accepted connection's peer address."""
     if isinstance(peer, tuple) and len(peer) >= 2:

@@ -25,6 +25,7 @@ import torch
 from netloader import events
 from netloader.client.control import Control, Endpoint
 from netloader.client.destination import Landing, device_of
+from netloader.client.names import resolve
 from netloader.client.relay import Relaying
 from netloader.client.result import PullResult
 from netloader.client.schedule import pull_striped
@@ -50,7 +51,7 @@ log = logging.getLogger("netloader.client")
 
 _HOOKS = ("progress", "on_accept", "allocate")
 
-__all__ = ["PullResult", "info", "parse_source", "pull"]
+__all__ = ["PullResult", "info", "parse_source", "pull", "status"]
 
 
 def parse_source(source: str) -> tuple[str, int]:
@@ -91,9 +92,15 @@ def pull(
     )
     hooks = dataclasses.replace(hooks, progress=_observed(identity.model, hooks.progress))
     options = with_keywords(options or PullOptions(), keywords)
-    endpoints = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
-    if not endpoints:
+    given = [Endpoint.parse(s) for s in ([sources] if isinstance(sources, str) else sources)]
+    if not given:
         raise ConfigError("no sources given")
+    own = Endpoint.parse(relay.address) if relay is not None and relay.address else None
+    endpoints = resolve(given, own)
+    if not endpoints:
+        raise ConfigError(
+            f"no source left: {', '.join(e.text for e in given)} name only this client's own server"
+        )
     check_known(options.transports)
     if relay is not None and identity.model not in relay.catalog:
         raise ConfigError(
@@ -147,6 +154,24 @@ def info(
     try:
         with Control.open(endpoint, timeouts, token) as control:
             return control.ask_info()
+    except PullError as exc:
+        exc.source = source
+        raise
+
+
+def status(
+    source: str,
+    *,
+    token: bytes | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    timeout: float = CLIENT_HANDSHAKE_TIMEOUT,
+) -> dict[str, Any]:
+    """What the server at ``source`` is doing (see ``server.status.report``)."""
+    endpoint = Endpoint.parse(source)
+    timeouts = Timeouts(connect=connect_timeout, handshake=timeout, idle=timeout)
+    try:
+        with Control.open(endpoint, timeouts, token) as control:
+            return control.ask_status().status
     except PullError as exc:
         exc.source = source
         raise

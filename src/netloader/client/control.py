@@ -35,6 +35,8 @@ from netloader.protocol import (
     Message,
     PullRequest,
     Refuse,
+    StatusReply,
+    StatusRequest,
 )
 from netloader.sockets import connect, split_address
 
@@ -153,6 +155,15 @@ class Control:
         self._send(InfoRequest(PROTOCOL_VERSION, nonce, proof))
         reply = self.answer(InfoReply)
         self._check_proof(reply.mac, "info", nonce, self.hello.nonce)
+        return reply
+
+    def ask_status(self) -> StatusReply:
+        nonce = auth.new_nonce()
+        self._send(
+            StatusRequest(PROTOCOL_VERSION, nonce, self._proof("status", self.hello.nonce, nonce))
+        )
+        reply = self.answer(StatusReply)
+        self._check_proof(reply.mac, "status", nonce, self.hello.nonce)
         return reply
 
     def ask_pull(self, request: PullRequest) -> Accept:

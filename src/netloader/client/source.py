@@ -20,7 +20,7 @@ from netloader.client.transfer import Report, Transfer
 from netloader.client.transports import run_transport
 from netloader.errors import Code, PeerClosed, PullError, Refused, TransferTimeout, as_pull_error
 from netloader.protocol import Accept
-from netloader.sockets import shutdown
+from netloader.sockets import shutdown, split_address
 from netloader.transport import Incoming
 
 log = logging.getLogger("netloader.client")
@@ -107,9 +107,14 @@ class SourceRun:
         t = self.transfer
         self.streams = accept.streams
         self.transport = accept.transport
+        host, port = self.endpoint.host, self.endpoint.port
+        # Reached by a balancing address, data connections must still reach the server that
+        # accepted: those the address sends elsewhere go to the server's own address.
+        data = None if accept.data is None else split_address(accept.data)
         return Incoming(
-            host=self.endpoint.host,
-            port=self.endpoint.port,
+            host=host,
+            port=port,
+            data=data if data != (host, port) else None,
             session=accept.session,
             streams=accept.streams,
             plan=t.dest.plan,

@@ -16,6 +16,7 @@ from netloader.protocol.messages import (
     SESSION_BYTES,
     SMALL_FRAME,
     Accept,
+    Attached,
     Done,
     Hello,
     InfoReply,
@@ -27,6 +28,7 @@ from netloader.protocol.messages import (
     allow_offer,
     register,
 )
+from netloader.protocol.status import StatusReply, StatusRequest
 
 __all__ = [
     "HEADER",
@@ -42,6 +44,7 @@ __all__ = [
     "SESSION_BYTES",
     "SMALL_FRAME",
     "Accept",
+    "Attached",
     "Channel",
     "Done",
     "Hello",
@@ -51,6 +54,8 @@ __all__ = [
     "Message",
     "PullRequest",
     "Refuse",
+    "StatusReply",
+    "StatusRequest",
     "StreamAttach",
     "allow_offer",
     "decode",

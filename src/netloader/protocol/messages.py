@@ -5,7 +5,7 @@ A conversation (the server speaks first):
     server: Hello(protocol, nonce, auth)
     client: PullRequest | InfoRequest            on a control connection, or
             StreamAttach                         as the first frame of a data connection
-    server: Accept | Refuse | InfoReply
+    server: Accept | Refuse | InfoReply          (Attached | Refuse, if the attach asks to confirm)
     ... weights move on the data plane ...
     client: Done
 
@@ -152,10 +152,29 @@ class StreamAttach(Message):
     kind: ClassVar[str] = "stream"
     session: str
     index: int
+    #: Ask the server to answer ``Attached`` (or ``Refuse``: no such session here) before the
+    #: stream starts: the client reached it by a name or a balancing address, which may have
+    #: picked another server than the one that accepted. Absent: false.
+    confirm: bool = False
 
     @classmethod
     def from_json(cls, o: dict) -> StreamAttach:
-        return cls(hex_field(o, "session", SESSION_BYTES), bounded(o, "index", 0, MAX_STREAMS - 1))
+        return cls(
+            hex_field(o, "session", SESSION_BYTES),
+            bounded(o, "index", 0, MAX_STREAMS - 1),
+            o.get("confirm") is not None and typed(o, "confirm", bool),
+        )
+
+
+@dataclass
+class Attached(Message):
+    """Server -> client on a data connection that asked to ``confirm``: the session is here."""
+
+    kind: ClassVar[str] = "attached"
+
+    @classmethod
+    def from_json(cls, o: dict) -> Attached:
+        return cls()
 
 
 @dataclass
@@ -183,6 +202,10 @@ class Accept(Message):
     delivers: bool = True
     #: Which function made ``digests`` (``digest.DIGEST_KINDS``); absent means XXH3.
     digest: str = XXH3
+    #: The server's own address (the one this connection reached): where the client takes
+    #: data connections that the address it dialled sent to another server (a balancing
+    #: address, as a Kubernetes Service's). Absent: the address dialled is the only one.
+    data: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,6 +223,7 @@ class Accept(Message):
             "peers": self.peers,
             "stay": self.delivers,
             "digest": self.digest,
+            "data": self.data,
         }
 
     @classmethod
@@ -249,6 +273,7 @@ class Accept(Message):
             peers=addresses(o, "peers"),
             delivers=typed(o, "stay", bool),
             digest=kind,
+            data=None if o.get("data") is None else address(o["data"]),
         )
 
 
@@ -322,4 +347,4 @@ def allow_offer(transport: str, limit: int) -> None:
     OFFER_LIMITS[transport] = min(limit, MAX_FRAME)
 
 
-register(Hello, PullRequest, InfoRequest, StreamAttach, Accept, Refuse, InfoReply, Done)
+register(Hello, PullRequest, InfoRequest, StreamAttach, Attached, Accept, Refuse, InfoReply, Done)

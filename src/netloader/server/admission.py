@@ -20,6 +20,12 @@ class Admission:
         self._waiting = (
             threading.BoundedSemaphore(limits.max_waiting) if limits.max_waiting else None
         )
+        self._queued = events.Count()
+
+    @property
+    def queued(self) -> int:
+        """Clients waiting for a slot now."""
+        return self._queued.value
 
     def admit(self, peer: str, deadline: float, patience: float) -> None:
         """Take a transfer slot for ``peer``, queueing until ``deadline`` if all are in use;
@@ -31,16 +37,21 @@ class Admission:
         if self._waiting is None or not self._waiting.acquire(blocking=False):
             raise _busy(f"{full} and the waiting queue are full")
         events.emit(events.Queued(peer, self.limits.max_clients))
+        self._queued.add(1)
+        admitted = False
         try:
             while not self.closing.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 if self._slots.acquire(timeout=min(left, 0.5)):
+                    admitted = True
                     return
             raise _busy(f"{full} stayed in use for {patience:g} s")
         finally:
             self._waiting.release()
+            self._queued.add(-1)
+            events.emit(events.QueueLeft(peer, admitted))
 
     def release(self) -> None:
         self._slots.release()

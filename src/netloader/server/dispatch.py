@@ -3,8 +3,9 @@
 A connection's first message decides what it is: a ``PullRequest`` (checked, placed, admitted,
 then the thread runs the session; a relay's connection then stays open as its membership), a
 ``StreamAttach`` (a data connection of a session, handed to its transport), an
-``InfoRequest`` or an ``ArtifactsRequest`` (answered at once: ``server.artifacts``). Every check raises ``errors.Refusal``; ``handle`` alone
-turns a refusal into the peer's ``Refuse`` message (and the event that logs it).
+``InfoRequest``, a ``StatusRequest`` or an ``ArtifactsRequest`` (answered at once; see
+``status`` and ``artifacts``). Every check raises ``errors.Refusal``; ``handle`` alone turns a
+refusal into the peer's ``Refuse`` message (and the event that logs it).
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from netloader.artifacts.wire import ArtifactsRequest
 from netloader.errors import Code, ProtocolError, Refusal
 from netloader.protocol import (
     PROTOCOL_VERSION,
+    Attached,
     Channel,
     Done,
     InfoReply,
     InfoRequest,
     PullRequest,
     Refuse,
+    StatusRequest,
     StreamAttach,
 )
-from netloader.server import artifacts
+from netloader.server import artifacts, status
 from netloader.server.admission import Admission
 from netloader.server.artifacts import Shelf
 from netloader.server.catalog import Catalog, ServedModel
@@ -96,6 +99,10 @@ class Dispatcher:
         self.admission = admission
         self.first = first
         self.sessions = Sessions()
+        self.tally = status.Tally()
+
+    def _live(self) -> status.Live:
+        return status.Live(self.catalog, self.tally, len(self.sessions), self.admission.queued)
 
     def handle(self, conn: Connection) -> bool:
         """Greet the peer and dispatch on its first message; True when the socket was handed
@@ -108,7 +115,12 @@ class Dispatcher:
         try:
             channel.send(conv.hello, conv.deadline)
             request = channel.recv_any(
-                PullRequest, InfoRequest, StreamAttach, ArtifactsRequest, deadline=conv.deadline
+                PullRequest,
+                InfoRequest,
+                StreamAttach,
+                StatusRequest,
+                ArtifactsRequest,
+                deadline=conv.deadline,
             )
             match request:
                 case ArtifactsRequest():
@@ -117,11 +129,14 @@ class Dispatcher:
                     return self._attach(conn, request)
                 case InfoRequest():
                     self._info(conv, request)
+                case StatusRequest():
+                    status.answer(self.context, conv, request, self._live())
                 case PullRequest():
                     model = request.identity.model
                     conn.handshake_over()
                     self._pull(conv, request)
         except Refusal as refusal:
+            self.tally.refused(str(refusal.code))
             events.emit(events.PullRefused(model, conn.peer, str(refusal.code), refusal.reason))
             channel.send_if_open(Refuse(refusal.code, refusal.reason))
         except ProtocolError as exc:
@@ -154,8 +169,15 @@ class Dispatcher:
 
     def _attach(self, conn: Connection, request: StreamAttach) -> bool:
         session = self.sessions.get(request.session)
+        if request.confirm:  # answered before the transport's thread may write on it
+            channel = Channel(conn.sock, self.context.timeouts.idle)
+            reason = "no session of that id here (this address reached another server)"
+            channel.send_if_open(Attached() if session else Refuse(Code.UNAVAILABLE, reason))
         if session is None or not session.transport.attach(conn.sock, request.index):
-            log.warning("dropping %s: data connection for no open stream of a session", conn.peer)
+            if not request.confirm:
+                log.warning(
+                    "dropping %s: data connection for no open stream of a session", conn.peer
+                )
             return False
         return True
 
@@ -203,3 +225,4 @@ class Dispatcher:
                 return session.run(request, placement)
         finally:
             self.admission.release()
+            self.tally.served(model, session.out.sent)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from netloader import metrics
 from netloader.artifacts import VLLM_TORCH_COMPILE
 from netloader.events import Count
 from netloader.identity import Identity
@@ -86,6 +87,7 @@ class Server:
             self.context, self.catalog, admission, lambda: self._first, self.shelf
         )
         self.address: str | None = None
+        self._metrics_port: int | None = None
         self._listener: Listener | None = None
         self._lock = threading.Lock()
         self._kept: list[socket.socket] = []
@@ -195,11 +197,29 @@ class Server:
                 self._announce(entry)
         if self.options.output_prefix:
             write_address(self.options.output_prefix, rank, self.address)
+        self._expose_metrics()
         return self
+
+    def _expose_metrics(self) -> None:
+        """With ``metrics_port``: the process's metrics on ``metrics_port + rank``."""
+        base = self.options.metrics_port
+        if base is None:
+            return
+        port = base + self.identity.rank
+        if port not in PORT_RANGE:
+            log.warning(
+                "serving no metrics: port %d (metrics_port %d + rank %d) is outside %d..%d",
+                *(port, base, self.identity.rank, PORT_RANGE.start, PORT_RANGE.stop - 1),
+            )
+            return
+        metrics.expose(self.options.host, port)
+        self._metrics_port = port
 
     def close(self) -> None:
         """Stop listening, drop every connection and wait for the server's threads."""
         self.closing.set()
+        if self._metrics_port is not None:
+            metrics.stop(self.options.host, self._metrics_port)
         self.dispatcher.sessions.abort_all()
         if self._listener is not None:
             self._listener.close()

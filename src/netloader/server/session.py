@@ -25,7 +25,7 @@ from netloader.server.catalog import ServedModel
 from netloader.server.handshake import Gate
 from netloader.server.relays import Placement
 from netloader.snapshot import Snapshot
-from netloader.sockets import keepalive
+from netloader.sockets import keepalive, local_address
 from netloader.transport import Engine, Outgoing
 
 log = logging.getLogger("netloader.server")
@@ -104,14 +104,17 @@ class Session:
             self.engine.max_streams,
             max(1, self.snapshot.plan.num_chunks),
         )
+        start = time.perf_counter()
+        done: Done | None = None
         try:
             self.conv.channel.send(self._accept(request, placement), self.conv.deadline)
             start = time.perf_counter()
             if self._send():
-                return self._conclude(time.perf_counter() - start)
-            self._emit_done(time.perf_counter() - start, ok=False)
-            return None
+                done = self._conclude()
+            return done
         finally:
+            # However it ended (the Accept or the verdict lost too): one TransferDone.
+            self._emit_done(time.perf_counter() - start, ok=done is not None and done.ok)
             self.abort()
 
     def abort(self) -> None:
@@ -136,6 +139,7 @@ class Session:
             peers=list(placement.peers),
             delivers=placement.here,
             digest=snapshot.digest_kind,
+            data=local_address(self.conv.channel.sock) if placement.here else None,
         )
 
     def _send(self) -> bool:
@@ -156,14 +160,13 @@ class Session:
                 self._hear_why()
         return False
 
-    def _conclude(self, seconds: float) -> Done:
+    def _conclude(self) -> Done:
         done = self.conv.channel.recv(Done, deadline=time.monotonic() + self.out.idle)
         if done.ok:
             self.context.transfers.add()
             self.entry.transfers.add()
         else:
             self.entry.integrity.client_failed(self.conv.peer, done)
-        self._emit_done(seconds, ok=done.ok)
         return done
 
     def _emit_done(self, seconds: float, *, ok: bool) -> None:

@@ -115,6 +115,15 @@ class Incoming:
     transport: str = ""
     #: The client's settings, for transports that have their own (mooncake's protocol).
     options: PullOptions | None = None
+    #: The server's own address from the Accept, when it differs from the one dialled
+    #: (``host``, ``port``): data connections that the dialled address sends to another server
+    #: (a balancing address) go there instead.
+    data: tuple[str, int] | None = None
+
+    @property
+    def server_host(self) -> str:
+        """The host of the very server that accepted (for a transport's own rendezvous)."""
+        return self.data[0] if self.data is not None else self.host
 
     def verify(self, index: int, views: list[memoryview] | None = None) -> None:
         """Check chunk ``index``, now in place, against its digest, computed where it landed

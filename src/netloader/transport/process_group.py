@@ -66,11 +66,15 @@ class ProcessGroupEngine(Engine):
         if type(port) is not int or not 0 < port < 65536:
             raise ProtocolError("server's accept names no valid store_port for the process group")
         store = _timed(
-            lambda: dist.TCPStore(inc.host, port, 2, is_master=False, timeout=_delta(inc.idle)),
+            lambda: dist.TCPStore(
+                inc.server_host, port, 2, is_master=False, timeout=_delta(inc.idle)
+            ),
             inc.idle,
         )
         prefixed = dist.PrefixStore(inc.session, store)
-        return _timed(lambda: self.group(prefixed, CLIENT_RANK, inc.host, inc.idle), inc.idle)
+        return _timed(
+            lambda: self.group(prefixed, CLIENT_RANK, inc.server_host, inc.idle), inc.idle
+        )
 
 
 class GroupSending(Sending):

@@ -19,8 +19,23 @@ from collections.abc import Callable
 import torch
 
 from netloader.digest import XXH3, streaming
-from netloader.errors import Code, ProtocolError, Refused, TensorsChanged, Withdrawn
-from netloader.protocol import MAX_STREAMS, Channel, Hello, Refuse, StreamAttach, encode
+from netloader.errors import (
+    Code,
+    PeerClosed,
+    ProtocolError,
+    Refused,
+    TensorsChanged,
+    Withdrawn,
+)
+from netloader.protocol import (
+    MAX_STREAMS,
+    Attached,
+    Channel,
+    Hello,
+    Refuse,
+    StreamAttach,
+    encode,
+)
 from netloader.sockets import connect, kernel_timeouts
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.chunks import (
@@ -190,13 +205,19 @@ def take_answer(sock: socket.socket, inc: Incoming, asked: collections.deque[int
 
 
 def open_stream(inc: Incoming, index: int) -> socket.socket:
-    """Data connection ``index`` of ``inc``'s session, attached."""
-    sock = connect(inc.host, inc.port, inc.idle)
-    try:
-        channel = Channel(sock, inc.idle)
-        channel.recv(Hello)
-        channel.send(StreamAttach(inc.session, index))
-        return sock
-    except BaseException:
+    """Data connection ``index`` of ``inc``'s session, attached: at the address dialled, or,
+    if that reached another server than the one that accepted, at the server's own address."""
+    confirm = inc.data is not None
+    for host, port in [(inc.host, inc.port), *([inc.data] if inc.data else [])]:
+        sock = connect(host, port, inc.idle)
+        try:
+            channel = Channel(sock, inc.idle)
+            channel.recv(Hello)
+            channel.send(StreamAttach(inc.session, index, confirm))
+            if not confirm or isinstance(channel.recv_any(Attached, Refuse), Attached):
+                return sock
+        except BaseException:
+            sock.close()
+            raise
         sock.close()
-        raise
+    raise PeerClosed(f"the server that accepted refused data connection {index} at {host}:{port}")

@@ -32,10 +32,35 @@ from netloader.settings import (
 )
 
 INT8_CACHE_MODES = ("hbm", "dram", "no")
-_SOURCE_FORM = 'list of {"device_id": int, "sources": ["IP:port", ...]}'
+_SOURCE_FORM = (
+    'list of {"device_id": int, "sources": ["HOST:port", ...]}, or one "NAME:port" string'
+)
 
 
-def _parse_sources(name: str, value: Any) -> dict[int, tuple[str, ...]]:
+@dataclass(frozen=True)
+class Fleet:
+    """``SOURCE`` as one ``"NAME:PORT"`` string: rank ``r`` takes from every address of
+    ``host`` (resolved when its pull starts) at port ``base_port + r``."""
+
+    host: str
+    base_port: int
+
+    def sources_for(self, rank: int) -> list[str]:
+        port = self.base_port + rank
+        if port > 65535:
+            raise ConfigError(
+                f"SOURCE = '{self.host}:{self.base_port}' gives rank {rank} port {port}, "
+                "beyond 65535; use a lower base port or the list form"
+            )
+        return [f"{self.host}:{port}"]
+
+
+def _parse_sources(name: str, value: Any) -> dict[int, tuple[str, ...]] | Fleet:
+    if isinstance(value, str):
+        try:
+            return Fleet(*parse_source(value))
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
     if not isinstance(value, list):
         raise ConfigError(f"{name} must be a {_SOURCE_FORM}, got {value!r}")
     out: dict[int, tuple[str, ...]] = {}
@@ -68,7 +93,8 @@ def _path(name: str, value: Any) -> str:
 
 
 _SOURCE = Setting(
-    _SOURCE_FORM + ". device_id is the worker's global rank; no entry for it: load from storage",
+    _SOURCE_FORM + ". device_id is the worker's global rank; no entry for it: load from storage. "
+    "A string: rank r takes from every address of NAME at port + r",
     Rule(_parse_sources),
     key="SOURCE",
 )
@@ -78,7 +104,9 @@ _SOURCE = Setting(
 class NetloaderConfig:
     """The loader's settings: its own fields, then a server's and a client's options."""
 
-    sources: dict[int, tuple[str, ...]] = field(default_factory=dict, metadata={SETTING: _SOURCE})
+    sources: dict[int, tuple[str, ...]] | Fleet = field(
+        default_factory=dict, metadata={SETTING: _SOURCE}
+    )
     model: str | None = declared(
         None,
         Setting(
@@ -139,6 +167,8 @@ class NetloaderConfig:
     )
 
     def sources_for(self, rank: int) -> list[str]:
+        if isinstance(self.sources, Fleet):
+            return self.sources.sources_for(rank)
         return list(self.sources.get(rank, ()))
 
     def pull_options(self, token: bytes | None) -> PullOptions:

@@ -145,7 +145,9 @@ class NetloaderModelLoader(DefaultModelLoader):
             *(identity.rank, self._label, path, total / 1e9, seconds),
             total / 1e9 / max(seconds, 1e-9),
         )
-        self._serve(snapshot, identity)
+        self._serve(snapshot, identity)  # its server (and metrics) exist from here on
+        kind = _Path.PEER if path.startswith("peer") else _Path.STORAGE
+        events.emit(events.WeightsLoaded(identity.model, identity.rank, kind.value, total, seconds))
         self._artifacts.offer(_WORKER.server)
         return model
 
