@@ -15,6 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netloader.artifacts.entry import FileDigest
+from netloader.artifacts.wire import ArtifactsOffer, ArtifactsRequest
 from netloader.errors import ProtocolError
 from netloader.identity import Identity
 from netloader.manifest import DTYPES, Manifest, TensorSpec
@@ -128,6 +130,8 @@ def ipc_offers(draw):
     return IpcOffer(gpu, storages, slots)
 
 
+artifact_keys = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}", fullmatch=True)
+
 by_kind = {
     "hello": st.builds(Hello, st.integers(0, 100), hexes(16), st.booleans()),
     "pull": st.builds(
@@ -166,6 +170,27 @@ by_kind = {
     "done": st.builds(Done, st.booleans(), texts, st.text(max_size=64)),
     "ipc_offer": ipc_offers(),
     "ipc_reply": st.builds(IpcReply, st.booleans(), texts),
+    "artifacts": st.builds(
+        ArtifactsRequest,
+        st.integers(0, 100),
+        st.text(max_size=64),
+        artifact_keys,
+        st.dictionaries(st.text(max_size=64), st.text(max_size=50), max_size=32),
+        hexes(16),
+        st.none() | hexes(32),
+    ),
+    "artifacts_offer": st.builds(
+        ArtifactsOffer,
+        st.lists(
+            st.builds(
+                FileDigest, st.text(min_size=1, max_size=50), st.integers(0, 1 << 44), hexes(32)
+            ),
+            max_size=5,
+        ),
+        texts,
+        st.just("") | artifact_keys,
+        st.none() | hexes(32),
+    ),
 }
 messages = st.one_of(*by_kind.values())
 
@@ -483,6 +508,59 @@ def is_addresses(v, o):
 with_edges(is_addresses, ["h:1"] * 64, ["h:1"] * 65, ["h:x"], [None])
 
 
+def is_artifact_key(v, o):
+    """A plain file name of 1..128 characters, never a path."""
+    return type(v) is str and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", v) is not None
+
+
+with_edges(is_artifact_key, "a", "a" * 128, "a" * 129, ".a", "a/b", "..", "")
+
+
+def is_factors(v, o):
+    return (
+        type(v) is dict
+        and len(v) <= 32
+        and all(len(k) <= 64 and type(x) is str and len(x) <= 4096 for k, x in v.items())
+    )
+
+
+with_edges(
+    is_factors,
+    {},
+    {"k" * 64: "v"},
+    {"k" * 65: "v"},
+    {"k": "v" * 4097},
+    {"k": 1},
+    {f"k{i}": "v" for i in range(33)},
+)
+
+
+def is_offered_files(v, o):
+    """[[path, size, sha256], ...]: a path of 1..1024 characters, a size up to 2^44."""
+    return type(v) is list and all(
+        type(f) is list
+        and len(f) == 3
+        and type(f[0]) is str
+        and 0 < len(f[0]) <= 1024
+        and type(f[1]) is int
+        and 0 <= f[1] <= 1 << 44
+        and is_hex(32)(f[2], o)
+        for f in v
+    )
+
+
+with_edges(
+    is_offered_files,
+    [["a", 0, "ab" * 32]],
+    [["", 0, "ab" * 32]],
+    [["a", -1, "ab" * 32]],
+    [["a", 1 << 45, "ab" * 32]],
+    [["a", 0, "ab"]],
+    [["a", 0]],
+    [["x" * 1025, 0, "ab" * 32]],
+)
+
+
 PROTOCOL = is_int(0, 1 << 31)
 NONCE = is_hex(16)
 MAC = is_hex(32, optional=True)
@@ -541,10 +619,24 @@ FIELDS = {
         "reason": is_text(4096),
     },
     "ipc_reply": {"ok": is_bool, "reason": is_text(4096)},
+    "artifacts": {
+        "protocol": PROTOCOL,
+        "artifact": is_text(64),
+        "key": is_artifact_key,
+        "factors": is_factors,
+        "nonce": NONCE,
+        "mac": MAC,
+    },
+    "artifacts_offer": {
+        "files": is_offered_files,
+        "reason": is_text(4096),
+        "key": lambda v, o: v == "" or is_artifact_key(v, o),  # empty: nothing offered
+        "mac": MAC,
+    },
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
-} | {"status_reply": 1 << 20}
+} | {"status_reply": 1 << 20, "artifacts_offer": 24 << 20}
 
 
 def invalid_fields(obj: dict, body_size: int) -> list[str]:
