@@ -17,8 +17,6 @@ from helpers import (
     to_device,
     zeros_like_all,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from netloader import Identity, IntegrityError, Refused, pull
 from netloader.digest import WSUM, fingerprints
@@ -124,9 +122,19 @@ def layout(sizes: list[int], skew: int) -> tuple[Plan, list[torch.Tensor]]:
     return Plan(sizes, CHUNK), buffers
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.data())
-def test_on_device_digests_catch_a_flipped_byte_anywhere(data):
+def test_on_device_digests_catch_a_flipped_byte_anywhere():
+    """hypothesis is imported here, not at the top: without it only this test is skipped."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    hypothesis.settings(max_examples=100, deadline=None)(
+        hypothesis.given(st.data())(flipped_byte_anywhere)
+    )()
+
+
+def flipped_byte_anywhere(data) -> None:
+    from hypothesis import strategies as st
+
     sizes = data.draw(st.lists(st.integers(0, 3 * CHUNK), min_size=1, max_size=5))
     plan, buffers = layout(sizes, data.draw(st.integers(0, 7)))
     if not plan.total_bytes:
