@@ -8,7 +8,7 @@ import os
 import pytest
 
 from netloader_testing.harness import OfflineInstance
-from netloader_testing.models import tiny_llama
+from netloader_testing.models import tiny_llama, tiny_llama_w8a8
 
 if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (make test installs it)")
@@ -16,19 +16,19 @@ if os.environ.get("NETLOADER_REQUIRE_VLLM") != "1":
 PROMPTS = ["hello world", "the quick brown fox", "weights travel from a"]
 
 
-def test_a_seed_with_host_copies_serves_a_client_that_answers_like_vllm(tmp_path):
-    model = tiny_llama(tmp_path / "tiny-llama")
+def seed_and_client(model, tmp_path, extra):
+    """A seed of ``model`` (loading from storage with ``extra``) and a client pulling from it:
+    their answers, the seed's log, the client's weights phases and the seed's address."""
     prefix = tmp_path / "seed_"
     seed = OfflineInstance(
         model,
         tmp_path / "seed.log",
         prompts=PROMPTS,
-        extra={"CAPTURE": "host", "OUTPUT_PREFIX": str(prefix)},
+        extra={**extra, "OUTPUT_PREFIX": str(prefix)},
         hold=True,
     )
     try:
         seeded = seed.outputs()
-        assert "CAPTURE=host keeps" in seed.log()
         address = (tmp_path / "seed_0.txt").read_text().strip()
         client = OfflineInstance(
             model,
@@ -43,11 +43,28 @@ def test_a_seed_with_host_copies_serves_a_client_that_answers_like_vllm(tmp_path
             client.stop()
     finally:
         seed.stop()
-    plain = OfflineInstance(model, tmp_path / "plain.log", prompts=PROMPTS, load_format="auto")
-    try:
-        reference = plain.outputs()
-    finally:
-        plain.stop()
-    assert [p.path for p in phases] == [f"peer {address}"], client.log()[-3000:]
-    assert pulled == seeded == reference
-    assert "refuse peers" not in seed.log()
+    return seeded, pulled, seed.log(), phases, address
+
+
+def test_a_seed_with_host_copies_serves_a_client_that_answers_like_vllm(tmp_path):
+    """The seed loaded from storage with vLLM's own loader: its answers are vLLM's."""
+    model = tiny_llama(tmp_path / "tiny-llama")
+    seeded, pulled, seed_log, phases, address = seed_and_client(
+        model, tmp_path, {"CAPTURE": "host"}
+    )
+    assert "CAPTURE=host keeps" in seed_log
+    assert [p.path for p in phases] == [f"peer {address}"]
+    assert pulled == seeded
+    assert "refuse peers" not in seed_log
+
+
+def test_an_int8_w8a8_seed_serves_its_weights_as_loaded(tmp_path):
+    """compressed-tensors W8A8 int8: post-processing re-registers ``weight.t()`` over the
+    loaded storage and packs a copy into oneDNN (no AMX here): the references captured on the
+    CPU stay as loaded, the digests agree, the client answers like the seed."""
+    model = tiny_llama_w8a8(tmp_path / "tiny-llama-w8a8")
+    seeded, pulled, seed_log, phases, address = seed_and_client(model, tmp_path, {})
+    assert "CPUInt8ScaledMMLinearKernel" in seed_log  # the int8 path really ran
+    assert "refuse peers" not in seed_log and "CAPTURE=" not in seed_log  # references
+    assert [p.path for p in phases] == [f"peer {address}"]
+    assert pulled == seeded
