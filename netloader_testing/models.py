@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -123,4 +124,46 @@ def tiny_eagle_head(
     hidden = config.hidden_size
     weights["fc.weight"] = torch.randn(hidden, 2 * hidden) * config.initializer_range
     save_file(weights, out / "model.safetensors")
+    return out
+
+
+def tiny_llama_w8a8(
+    path: str | os.PathLike[str], shape: LlamaShape | None = None, *, seed: int = 0
+) -> Path:
+    """``tiny_llama`` in compressed-tensors W8A8 int8 format (what llm-compressor writes for a
+    ``W8A8`` scheme): every linear weight of the decoder layers as int8 with a per-channel fp32
+    ``weight_scale`` [N, 1], activations quantized per token at run time, lm_head ignored.
+    vLLM's CPU backend serves it with ``CPUInt8ScaledMMLinearKernel``."""
+    from safetensors.torch import load_file, save_file
+
+    out = tiny_llama(path, shape, seed=seed, tie_word_embeddings=False)
+    files = sorted(out.glob("*.safetensors"))
+    for file in files:
+        tensors = load_file(file)
+        quantized: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if ".layers." in name and name.endswith("_proj.weight"):
+                scale = t.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+                quantized[name] = (t.float() / scale).round().clamp(-128, 127).to(torch.int8)
+                quantized[name.removesuffix("weight") + "weight_scale"] = scale
+            else:
+                quantized[name] = t
+        save_file(quantized, file, metadata={"format": "pt"})
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**int8, "strategy": "channel", "dynamic": False},
+                "input_activations": {**int8, "strategy": "token", "dynamic": True},
+            }
+        },
+    }
+    config_path.write_text(json.dumps(config, indent=2))
     return out

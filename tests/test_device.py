@@ -17,8 +17,6 @@ from helpers import (
     to_device,
     zeros_like_all,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from netloader import Identity, IntegrityError, Refused, pull
 from netloader.digest import WSUM, fingerprints
@@ -124,9 +122,19 @@ def layout(sizes: list[int], skew: int) -> tuple[Plan, list[torch.Tensor]]:
     return Plan(sizes, CHUNK), buffers
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.data())
-def test_on_device_digests_catch_a_flipped_byte_anywhere(data):
+def test_on_device_digests_catch_a_flipped_byte_anywhere():
+    """hypothesis is imported here, not at the top: without it only this test is skipped."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    hypothesis.settings(max_examples=100, deadline=None)(
+        hypothesis.given(st.data())(flipped_byte_anywhere)
+    )()
+
+
+def flipped_byte_anywhere(data) -> None:
+    from hypothesis import strategies as st
+
     sizes = data.draw(st.lists(st.integers(0, 3 * CHUNK), min_size=1, max_size=5))
     plan, buffers = layout(sizes, data.draw(st.integers(0, 7)))
     if not plan.total_bytes:
@@ -185,3 +193,25 @@ def test_ipc_falls_back_to_tcp_when_the_memory_cannot_be_shared(monkeypatch, tmp
         assert result.transport == "tcp"
         assert_same(all_cases(), result.tensors)
         assert "CUDA IPC not possible" in server.log()
+
+
+# --- the vLLM capture on a GPU ------------------------------------------------------------------
+
+
+def test_a_host_capture_keeps_nothing_on_the_device():
+    """CAPTURE=host: every tensor copied to host memory through the pinned buffer (more than
+    one slice of it for the large one), bit-exact, ties kept, no device memory held after."""
+    from netloader.integrations.vllm import capture
+
+    big = torch.randint(0, 256, (capture.PINNED_BYTES + 12345,), dtype=torch.uint8, device="cuda")
+    tensors = {**to_device(all_cases(), "cuda"), "big": big}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    kept = capture.kept(tensors, "host")
+    assert torch.cuda.memory_allocated() <= before  # transient copies of views freed
+    assert all(t.device.type == "cpu" for t in kept.values())
+    assert all(torch.equal(kept[n].cuda(), t) for n, t in tensors.items() if t.numel())
+    assert kept["lm_head.weight"] is kept["embed.weight"]
+    device = capture.kept(tensors, "device")
+    assert all(t.device.type == "cuda" for t in device.values())
+    assert capture.resolve("auto", big.device) == "host"

@@ -21,7 +21,7 @@ from helpers import Proxy, all_cases, assert_same, flip_in_data, in_process_serv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netloader import Identity, IntegrityError, Refused, Server, pull
+from netloader import Identity, IntegrityError, Refused, Server, events, pull
 from netloader.client.source import _differs
 from netloader.digest import WSUM, XXH3, fingerprints
 from netloader.errors import ProtocolError
@@ -32,10 +32,17 @@ from netloader.server.handshake import Gate
 from netloader.snapshot import Snapshot
 from netloader.sockets import is_local
 from netloader.tensors import flat_bytes
-from netloader.transport import cuda_ipc, offered, preferred
+from netloader.transport import cuda_ipc, engine, offered, preferred
 from netloader.transport.chunks import CHUNK_HEADER
 from netloader.transport.cuda_ipc import CudaIpcEngine, check_offer
-from netloader.transport.cuda_ipc_wire import IpcOffer, IpcStorage
+from netloader.transport.cuda_ipc_wire import (
+    IpcOffer,
+    IpcReply,
+    IpcStorage,
+    for_local_torch,
+    ipc_handle_problem,
+    torch_handle_version,
+)
 from netloader.transport.staging import DeviceStaging, Staging
 
 ROOT = Path(__file__).parent.parent
@@ -220,6 +227,22 @@ def test_a_relay_serves_on_with_its_sources_digest_kind():
 # --- device staging, forced onto host tensors -----------------------------------------------
 
 
+def test_only_the_receiving_side_orders_its_copies_after_the_callers_stream(monkeypatch):
+    """Served tensors are fixed after capture: the sending side's copies do not queue behind
+    the caller's (in vLLM: the legacy default) stream; the receiving side's do (the caller may
+    still be writing its destination). On a CPU the ordering itself is a no-op: what is seen
+    here is whether each side asks for it."""
+    asked = []
+    monkeypatch.setattr(DeviceStaging, "_follow_callers", lambda self: asked.append(self))
+    source = Snapshot(all_cases(), chunk_size=CHUNK, with_digests=False)
+    sender = DeviceStaging(source.plan, source.buffers)
+    sender.send(0, lambda view: None)
+    assert asked == []
+    receiver = DeviceStaging(source.plan, [torch.zeros_like(b) for b in source.buffers])
+    receiver.receive(0, lambda view: None)
+    assert asked == [receiver]
+
+
 def test_device_staging_moves_every_chunk_through_two_small_slices():
     source = Snapshot(all_cases(), chunk_size=CHUNK, with_digests=False)
     dest = [torch.zeros_like(b) for b in source.buffers]
@@ -309,7 +332,9 @@ def test_preferred_proposes_ipc_only_for_a_local_source(pretend_cuda):
 
 
 def test_preferred_for_host_tensors_is_tcp():
-    assert preferred(torch.device("cpu"), "127.0.0.1") == ["tcp"]
+    """Host tensors: mooncake first where it is installed (make test installs it), then TCP."""
+    mooncake = ["mooncake"] if engine("mooncake").absent() is None else []
+    assert preferred(torch.device("cpu"), "127.0.0.1") == [*mooncake, "tcp"]
 
 
 def test_server_offers_ipc_only_to_a_local_client(pretend_cuda):
@@ -368,7 +393,10 @@ def test_a_good_offer_decodes():
 @pytest.mark.parametrize(
     "hostile, why",
     [
-        (offer_json([storage(handle="0265" + "ab" * 64)]), "not a CUDA IPC memory handle"),
+        (offer_json([storage(handle="0265" + "ab" * 64)]), "expandable segments"),
+        (offer_json([storage(handle="0463" + "ab" * 64)]), "version 4, newer than the known 3"),
+        (offer_json([storage(handle="0378" + "ab" * 64)]), "handle type 0x78"),
+        (offer_json([storage(handle="0263" + "ab" * 63)]), "65 bytes"),
         (offer_json([storage(handle="ab" * 2000)]), "longer than"),
         (offer_json([storage(handle="x!" * 64)]), "must be hex"),
         (offer_json([storage(ref="/../../dev/shm/x")]), "not a shared-memory name"),
@@ -388,6 +416,27 @@ def test_a_good_offer_decodes():
 def test_a_hostile_offer_is_refused(hostile, why):
     with pytest.raises(ProtocolError, match=why):
         IpcOffer.from_json(hostile)
+
+
+@pytest.mark.parametrize(
+    "handle",
+    ["ab" * 64, "0163" + "ab" * 64, "0263" + "ab" * 64, "0363" + "ab" * 64, "0363" + "ab" * 90],
+)
+def test_handles_are_accepted_as_torchs_consumer_accepts_them(handle):
+    """A bare handle (torch before 2.3), versions up to 3 (torch 2.13), trailing bytes that
+    torch's consumer ignores."""
+    assert ipc_handle_problem(bytes.fromhex(handle)) is None
+    assert IpcOffer.from_json(offer_json([storage(handle=handle)])).storages[0].handle == handle
+
+
+def test_a_newer_handle_is_opened_with_the_local_version_byte():
+    v3 = bytes.fromhex("0363" + "ab" * 64)
+    assert for_local_torch(v3, 2) == bytes.fromhex("0263" + "ab" * 64)  # torch 2.12 client
+    assert for_local_torch(v3, 3) == v3
+    assert for_local_torch(bytes.fromhex("0263" + "ab" * 64), 3)[0] == 2  # older: as sent
+    assert for_local_torch(bytes.fromhex("ab" * 64), 2) == bytes.fromhex("ab" * 64)
+    versions = ["2.12.1", "2.13.0", "2.13.0+cu128", "2.14.0a0+git1234", "3.0.0"]
+    assert [torch_handle_version(v) for v in versions] == [2, 3, 3, 3, 3]
 
 
 @pytest.mark.parametrize(
@@ -438,9 +487,15 @@ def host_ipc(monkeypatch, pretend_cuda):
             whole[whole.numel() // 2] ^= 0x40
         return whole
 
+    def release(storages):
+        state["released"] += [s.handle for s in storages]
+
+    state["released"] = []
+    state["shared"] = shared
     monkeypatch.setattr(cuda_ipc, "share", share)
     monkeypatch.setattr(cuda_ipc, "usable_gpu", lambda gpu, device: 0)
     monkeypatch.setattr(cuda_ipc, "_open", open_storage)
+    monkeypatch.setattr(cuda_ipc, "release_counters", release)
     return state
 
 
@@ -456,6 +511,40 @@ def test_ipc_protocol_copies_every_chunk(host_ipc, kind):
         fresh = pull(server.address, IDENT, transports=["cuda_ipc"])
         assert_same(tensors, fresh.tensors)
         assert fresh.tensors["lm_head.weight"] is fresh.tensors["embed.weight"]
+
+
+def test_counters_of_storages_the_client_did_not_map_are_released(host_ipc, monkeypatch):
+    """Mapped storages are the client's to release (by dropping them); the server releases the
+    rest: all of them when the client cannot map any, those after the first that failed."""
+    tensors = all_cases()
+    with in_process_server(Snapshot(tensors, chunk_size=CHUNK)) as server:
+        result = pull(server.address, IDENT, transports=["cuda_ipc"], streams=3)
+        assert (result.transport, result.streams) == ("cuda_ipc", 1)
+        assert host_ipc["released"] == []  # every storage mapped
+
+        opened, real_open = [], cuda_ipc._open
+
+        def open_one(storage, device):
+            if opened:
+                raise RuntimeError("cudaIpcOpenMemHandle failed")
+            opened.append(storage.handle)
+            return real_open(storage, device)
+
+        monkeypatch.setattr(cuda_ipc, "_open", open_one)
+        result = pull(server.address, IDENT, transports=["cuda_ipc"], streams=3)
+        assert (result.transport, result.streams) == ("tcp", 3)
+        assert_same(tensors, result.tensors)
+        offered = list(host_ipc["shared"])[-len(host_ipc["released"]) - 1 :]
+        assert offered[0] == opened[0] and host_ipc["released"] == offered[1:]
+        assert len(offered) > 2
+
+
+def test_an_ipc_reply_says_how_many_storages_were_opened():
+    assert IpcReply.from_json({"ok": True, "reason": ""}).opened(5) == 5  # before the field
+    assert IpcReply.from_json({"ok": False, "reason": "x"}).opened(5) == 0
+    assert IpcReply.from_json({"ok": False, "reason": "x", "mapped": 2}).opened(5) == 2
+    with pytest.raises(ProtocolError, match="'mapped'"):
+        IpcReply.from_json({"ok": False, "reason": "x", "mapped": -1})
 
 
 @pytest.mark.parametrize("kind", [XXH3, WSUM])
@@ -483,14 +572,30 @@ def test_ipc_needs_the_token_like_everything_else(host_ipc, caplog):
     assert_same(tensors, result.tensors)
 
 
-def test_ipc_falls_back_to_tcp_on_the_same_connection(pretend_cuda, caplog):
-    """Host tensors cannot be shared: the server says why, the client receives over TCP."""
+def test_ipc_falls_back_to_tcp_on_the_usual_streams(pretend_cuda, caplog):
+    """Host tensors cannot be shared: the server says why, the client receives over TCP, on
+    as many streams as a TCP pull (the first is the offer's connection)."""
     caplog.set_level(logging.WARNING, "netloader")
     tensors = all_cases()
-    with in_process_server(tensors, chunk_size=CHUNK) as server:
-        dest = zeros_like_all(tensors)
-        result = pull(server.address, IDENT, into=dest, transports=["cuda_ipc"])
-    assert (result.transport, result.streams) == ("tcp", 1)
+    senders: set[int] = set()  # the server's threads that sent chunks
+    another = threading.Event()
+
+    def sent(event: events.Event) -> None:
+        if isinstance(event, events.ChunkSent):
+            senders.add(threading.get_ident())
+            if len(senders) > 1:
+                another.set()
+            another.wait(10)  # the first stream to send waits until another one sends
+
+    stop = events.subscribe(sent)
+    try:
+        with in_process_server(tensors, chunk_size=CHUNK) as server:
+            dest = zeros_like_all(tensors)
+            result = pull(server.address, IDENT, into=dest, transports=["cuda_ipc"], streams=4)
+    finally:
+        stop()
+    assert (result.transport, result.streams) == ("tcp", 4)
+    assert len(senders) > 1
     assert_same(tensors, dest)
     assert "the served tensors are not all on one CUDA device" in caplog.text
 
@@ -556,8 +661,34 @@ def test_device_check_targets():
     got = {t["target"]: t for t in check.targets(seconds)}
     tcp = got["netloader TCP >= 0.8x the slower of raw pinned copies and raw TCP"]
     assert tcp["ratio"] == pytest.approx(2.0 / 2.4) and tcp["met"]
-    ipc = got["netloader CUDA IPC >= 0.5x a D2D copy in one process"]
+    ipc = got["netloader CUDA IPC (data plane) >= 0.5x a D2D copy in one process"]
     assert ipc["ratio"] == pytest.approx(0.4) and not ipc["met"]
-    digests = got["on-device digests < 5% of the CUDA IPC transfer"]
+    digests = got["on-device digests < 5% of the CUDA IPC transfer (data plane)"]
     assert digests["ratio"] == pytest.approx(0.08) and not digests["met"]
     assert check.targets({})[0]["met"] is None  # nothing measured: nothing claimed
+    # With the pull's own data-plane time, the handshake and the mapping are left out.
+    seconds[check.IPC_DATA] = 0.03
+    got = {t["target"]: t for t in check.targets(seconds)}
+    ipc = got["netloader CUDA IPC (data plane) >= 0.5x a D2D copy in one process"]
+    assert ipc["ratio"] == pytest.approx(0.02 / 0.03) and ipc["met"]
+
+
+def test_device_check_reports_an_error_without_a_message():
+    """An exception with an empty message (a bare AssertionError in a worker) is reported by its
+    type, and the run goes on."""
+    check = load_device_check()
+    assert check.last_line(AssertionError()) == "AssertionError (no message)"
+    assert check.last_line(RuntimeError("Traceback ...\n  x\nValueError: bad")) == "ValueError: bad"
+
+
+def test_the_device_tests_load_without_hypothesis():
+    """tests/test_device.py imports hypothesis only inside the one test that needs it: on a GPU
+    machine without it, every other device test still runs."""
+    code = (
+        "import sys; sys.modules['hypothesis'] = None; "
+        "sys.path[:0] = ['tests', 'src']; import test_device; print('loaded')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip() == "loaded", proc.stderr[-2000:]

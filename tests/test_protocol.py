@@ -19,7 +19,7 @@ from netloader.artifacts.entry import FileDigest
 from netloader.artifacts.wire import ArtifactsOffer, ArtifactsRequest
 from netloader.errors import ProtocolError
 from netloader.identity import Identity
-from netloader.manifest import DTYPES, Manifest, TensorSpec
+from netloader.manifest import DTYPES, MAX_TENSORS, Manifest, TensorSpec
 from netloader.protocol import (
     HEADER,
     MAGIC,
@@ -169,7 +169,7 @@ by_kind = {
     ),
     "done": st.builds(Done, st.booleans(), texts, st.text(max_size=64)),
     "ipc_offer": ipc_offers(),
-    "ipc_reply": st.builds(IpcReply, st.booleans(), texts),
+    "ipc_reply": st.builds(IpcReply, st.booleans(), texts, st.none() | st.integers(0, 1000)),
     "artifacts": st.builds(
         ArtifactsRequest,
         st.integers(0, 100),
@@ -618,7 +618,18 @@ FIELDS = {
         "slots": is_ipc_slots,
         "reason": is_text(4096),
     },
-    "ipc_reply": {"ok": is_bool, "reason": is_text(4096)},
+    "ipc_reply": {
+        "ok": is_bool,
+        "reason": is_text(4096),
+        # storages opened, absent or null: all if ok, else none
+        "mapped": with_edges(
+            lambda v, o: v is None or (type(v) is int and 0 <= v <= MAX_TENSORS),
+            -1,
+            0,
+            MAX_TENSORS,
+            MAX_TENSORS + 1,
+        ),
+    },
     "artifacts": {
         "protocol": PROTOCOL,
         "artifact": is_text(64),

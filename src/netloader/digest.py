@@ -155,6 +155,8 @@ def _weights(device: torch.device, count: int) -> torch.Tensor:
             table = torch.arange(size, dtype=torch.int64, device=device) * 2 + 1
             table *= _M - (1 << 64)  # the same bits as _M, as a signed 64-bit number
             if device.type == "cuda":
-                torch.cuda.synchronize(device)  # ready before any other stream reads it
+                # Ready before any other stream reads it: this stream's work is enough; a
+                # device synchronisation would also wait for the NCCL kernels of vLLM's ranks.
+                torch.cuda.current_stream(device).synchronize()
             _weights_cache[(device, size)] = table
     return table[:count]

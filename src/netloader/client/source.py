@@ -132,7 +132,7 @@ class SourceRun:
     def _receive(self, control: Control, accept: Accept, inc: Incoming) -> None:
         try:
             run_transport(accept.transport, inc)
-            self.transport = inc.transport
+            self.transport, self.streams = inc.transport, inc.streams
         except Exception as exc:
             error = as_pull_error(exc, "transfer", partial=inc.wrote)
             if isinstance(error, PeerClosed | TransferTimeout):

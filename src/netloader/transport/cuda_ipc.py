@@ -17,8 +17,12 @@ connection, as on the TCP transport (the session id from the Accept is its ticke
    the slots against its own plan before it opens anything.
 2. client -> ``IpcReply``: ok once it opened every handle (torch's ``rebuild_cuda_tensor``) on
    the server's GPU, found by UUID: its destination's GPU, or one it has peer access to. If
-   not, ok=false with the reason, and the same connection then carries the chunks as one TCP
-   stream (device staging included): falling back costs no second handshake.
+   not, ok=false with the reason and how many of the storages it had opened (the server
+   releases torch's reference counters of the others, which nobody else would), and the
+   transfer's streams then carry the chunks as on TCP (device staging included): falling back
+   costs no second handshake. The client attaches the usual number of data connections; only
+   the first carries the offer, the others wait for the reply and then either end at once
+   (IPC) or run as TCP streams.
 3. The client asks for chunks by index as on TCP, up to ``WINDOW`` outstanding; the server
    answers each with the index alone once the chunk may be read (a relay may still be
    receiving it; ``verify_before_send`` re-checks it first), or with a refusal. The client
@@ -42,21 +46,26 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
 
-from netloader.digest import WSUM, fingerprints
 from netloader.errors import ProtocolError
 from netloader.plan import Plan
-from netloader.protocol import MAX_TEXT, Channel, encode
+from netloader.protocol import MAX_STREAMS, MAX_TEXT, Channel, encode
 from netloader.snapshot import Snapshot
 from netloader.sockets import is_local, kernel_timeouts
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
-from netloader.transport.chunks import CHUNK_HEADER, ERROR, Mark, request_chunks
-from netloader.transport.cuda_ipc_wire import IpcOffer, IpcReply, IpcStorage, ipc_handle_ok
-from netloader.transport.staging import on_stream
+from netloader.transport.chunks import CHUNK_HEADER, END, Mark, request_chunks
+from netloader.transport.cuda_ipc_copy import Copier, answers, destination_device
+from netloader.transport.cuda_ipc_wire import (
+    IpcOffer,
+    IpcReply,
+    IpcStorage,
+    for_local_torch,
+    ipc_handle_problem,
+    torch_handle_version,
+)
 from netloader.transport.streams import AttachedSending, Streams
 from netloader.transport.tcp import (
     SocketAsking,
@@ -64,9 +73,7 @@ from netloader.transport.tcp import (
     fetch_stream,
     open_stream,
     serve_stream,
-    take_answer,
 )
-from netloader.transport.vectored import recv_buffers
 
 if TYPE_CHECKING:
     from netloader.options import ServeOptions
@@ -81,7 +88,9 @@ WINDOW = 256
 
 class CudaIpcEngine(Engine):
     name = "cuda_ipc"
-    max_streams = 1
+    #: The copies run on the first data connection; the others carry the chunks only if the
+    #: client cannot map the storages (then as many streams as over TCP).
+    max_streams = MAX_STREAMS
     messages = (IpcOffer, IpcReply)
 
     def supports(self, device: torch.device) -> bool:
@@ -100,9 +109,7 @@ class CudaIpcEngine(Engine):
         return IpcSending(out)
 
     def receive(self, inc: Incoming) -> None:
-        Streams(1, inc.idle, threading.Event()).run(
-            lambda index: open_stream(inc, index), lambda s, mark: _fetch(s, inc, mark)
-        )
+        IpcReceiving(inc).run()
 
 
 class IpcSending(AttachedSending):
@@ -122,14 +129,23 @@ class IpcSending(AttachedSending):
 
     def _serve(self, sock: socket.socket, mark: Mark) -> None:
         out = self.out
+        if self.attachments.index_of(sock):  # a further stream: used only if IPC is not
+            serve_stream(sock, out, mark)
+            return
         offer, self._shared = share(out.snapshot)
         try:
             encode(offer)
         except ProtocolError as exc:  # more storages than a frame holds
+            release_counters(offer.storages)
             offer, self._shared = _cannot(str(exc)), []
         channel = Channel(sock, out.idle)
         channel.send(offer)
-        reply = channel.recv(IpcReply)
+        try:
+            reply = channel.recv(IpcReply)
+        except BaseException:  # the client is gone or broken: nobody else releases them
+            release_counters(offer.storages)
+            raise
+        release_counters(offer.storages[reply.opened(len(offer.storages)) :])
         mark()
         if not reply.ok:
             log.warning(
@@ -138,49 +154,71 @@ class IpcSending(AttachedSending):
         serve_stream(sock, out, mark, payload=not reply.ok)
 
 
-def _fetch(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
-    """Map the server's storages and copy the chunks the board hands this source; or, if they
-    cannot be mapped here, receive them over this connection as on TCP."""
-    channel = Channel(sock, inc.idle)
-    offer = channel.recv(IpcOffer)
-    check_offer(offer, inc.plan)
-    sources = map_offer(offer, inc)
-    if isinstance(sources, str):
-        log.warning("%s: CUDA IPC not possible (%s); receiving over TCP", inc.source, sources)
-        channel.send(IpcReply(False, sources[:MAX_TEXT]))
-        inc.transport = TcpEngine.name
-        fetch_stream(sock, inc, mark)
-        return
-    channel.send(IpcReply(True))
-    mark()
-    copier = Copier(inc, sources)
-    del sources
-    kernel_timeouts(sock, inc.idle)
-    stream = SocketAsking(sock, lambda asked: copier.copy(answers(sock, inc, asked)))
-    try:
-        request_chunks(stream, inc, mark, WINDOW)
-    finally:
-        copier.release()
-    stream.end()
+class IpcReceiving:
+    """The client's streams of one source: the first maps the offer and copies; the others
+    wait for its verdict, then end (IPC) or receive as TCP streams (the offer was refused)."""
 
+    def __init__(self, inc: Incoming):
+        self.inc = inc
+        self.cancelled = threading.Event()
+        self.decided = threading.Event()
+        self.over_tcp = False
+        self.first: socket.socket | None = None
 
-def answers(sock: socket.socket, inc: Incoming, asked: deque[int]) -> list[int]:
-    """The chunks the server has said are ready: one (waiting for it), then every further
-    whole answer already here, up to a refusal (left for the next call to raise)."""
-    header = bytearray(CHUNK_HEADER.size)
-    recv_buffers(sock, [memoryview(header)])
-    ready = [take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])]
-    try:
-        peeked = sock.recv(len(asked) * CHUNK_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        peeked = b""
-    size = CHUNK_HEADER.size
-    got = [CHUNK_HEADER.unpack_from(peeked, at)[0] for at in range(0, len(peeked) - size + 1, size)]
-    count = next((k for k, index in enumerate(got) if index == ERROR), len(got))
-    if count:
-        recv_buffers(sock, [memoryview(bytearray(count * size))])  # already here: consume them
-        ready += [take_answer(sock, inc, asked, index) for index in got[:count]]
-    return ready
+    def run(self) -> None:
+        Streams(self.inc.streams, self.inc.idle, self.cancelled).run(self._open, self._work)
+
+    def _open(self, index: int) -> socket.socket:
+        sock = open_stream(self.inc, index)
+        if index == 0:
+            self.first = sock
+        return sock
+
+    def _work(self, sock: socket.socket, mark: Mark) -> None:
+        if sock is self.first:
+            self._fetch(sock, mark)
+            return
+        while not self.decided.wait(0.25):  # the first stream's offer and reply
+            if self.cancelled.is_set():
+                return
+            mark()
+        if self.over_tcp:
+            fetch_stream(sock, self.inc, mark)
+        else:
+            sock.sendall(CHUNK_HEADER.pack(END))
+
+    def _decide(self, over_tcp: bool) -> None:
+        self.over_tcp = over_tcp
+        self.decided.set()
+
+    def _fetch(self, sock: socket.socket, mark: Mark) -> None:
+        """Map the server's storages and copy the chunks the board hands this source; or, if
+        they cannot be mapped here, receive them as on TCP (on every stream)."""
+        inc = self.inc
+        channel = Channel(sock, inc.idle)
+        offer = channel.recv(IpcOffer)
+        check_offer(offer, inc.plan)
+        sources, opened = map_offer(offer, inc)
+        if isinstance(sources, str):
+            log.warning("%s: CUDA IPC not possible (%s); receiving over TCP", inc.source, sources)
+            channel.send(IpcReply(False, sources[:MAX_TEXT], opened))
+            inc.transport = TcpEngine.name
+            self._decide(over_tcp=True)
+            fetch_stream(sock, inc, mark)
+            return
+        channel.send(IpcReply(True, "", opened))
+        inc.streams = 1
+        self._decide(over_tcp=False)
+        mark()
+        copier = Copier(inc, sources)
+        del sources
+        kernel_timeouts(sock, inc.idle)
+        stream = SocketAsking(sock, lambda asked: copier.copy(answers(sock, inc, asked)))
+        try:
+            request_chunks(stream, inc, mark, WINDOW)
+        finally:
+            copier.release()
+        stream.end()
 
 
 # --- the server's offer -------------------------------------------------------------------
@@ -216,9 +254,28 @@ def share(snapshot: Snapshot) -> tuple[IpcOffer, list[torch.UntypedStorage]]:
 def _describe(shared: tuple) -> IpcStorage:
     """torch's ``_share_cuda_()`` tuple as plain JSON-safe fields."""
     _device, handle, size, offset, ref, ref_offset, event, sync = shared
-    if not ipc_handle_ok(handle):
-        raise ValueError(f"torch made a CUDA IPC handle of an unknown kind ({handle[:2]!r}...)")
-    return IpcStorage(handle.hex(), size, offset, ref.decode(), ref_offset, event.hex(), bool(sync))
+    storage = IpcStorage(
+        handle.hex(), size, offset, ref.decode(), ref_offset, event.hex(), bool(sync)
+    )
+    problem = ipc_handle_problem(handle)
+    if problem:
+        release_counters([storage])
+        raise ValueError(f"torch made a CUDA IPC handle this transport does not map: {problem}")
+    return storage
+
+
+def release_counters(storages: list[IpcStorage]) -> None:
+    """Release torch's IPC reference counters of ``storages``, offered but not mapped by the
+    client. Each ``_share_cuda_`` sets one to 1 and a mapping client's torch decrements it when
+    it drops the mapping; a block freed while its counter is above 0 waits in torch's limbo
+    (``CudaIPCSentDataLimbo``, ``torch/csrc/CudaIPCTypes.cpp``), so without this the memory of
+    a storage nobody mapped would never be returned. What the consumer does for a storage it
+    already holds (``torch/multiprocessing/reductions.py``, ``rebuild_cuda_tensor``)."""
+    for storage in storages:
+        try:
+            torch.UntypedStorage._release_ipc_counter_cuda(storage.ref.encode(), storage.ref_offset)
+        except (RuntimeError, AttributeError) as exc:  # nothing to release it for
+            log.warning("cannot release a CUDA IPC reference counter: %s", exc)
 
 
 def _cannot(reason: str) -> IpcOffer:
@@ -247,21 +304,28 @@ def check_offer(offer: IpcOffer, plan: Plan) -> None:
             raise ProtocolError(f"the IPC offer places slot {number} beyond its storage")
 
 
-def map_offer(offer: IpcOffer, inc: Incoming) -> list[torch.Tensor | None] | str:
-    """Each slot's bytes in the server's memory, mapped here; or why that is not possible."""
+def map_offer(offer: IpcOffer, inc: Incoming) -> tuple[list[torch.Tensor | None] | str, int]:
+    """Each slot's bytes in the server's memory, mapped here, or why that is not possible; and
+    how many of the offered storages were opened (in order: their counters are this side's to
+    release, by dropping them)."""
     if offer.reason:
-        return f"the server cannot share its tensors: {offer.reason}"
-    local = usable_gpu(offer.gpu, _device(inc))
+        return f"the server cannot share its tensors: {offer.reason}", 0
+    local = usable_gpu(offer.gpu, destination_device(inc))
     if isinstance(local, str):
-        return local
+        return local, 0
+    opened: list[torch.Tensor] = []
     try:
-        opened = [_open(storage, local) for storage in offer.storages]
+        for storage in offer.storages:
+            opened.append(_open(storage, local))
     except RuntimeError as exc:
-        return f"cannot open the server's CUDA IPC handles: {exc}"
-    return [
+        count = len(opened)
+        opened.clear()  # dropped: torch releases their counters
+        return f"cannot open the server's CUDA IPC handles: {exc}", count
+    sources: list[torch.Tensor | None] = [
         None if slot is None else opened[slot[0]][slot[1] : slot[1] + size]
         for slot, size in zip(offer.slots, inc.plan.sizes, strict=True)
     ]
+    return sources, len(opened)
 
 
 def usable_gpu(gpu: str, device: torch.device) -> int | str:
@@ -294,7 +358,7 @@ def _open(storage: IpcStorage, device: int) -> torch.Tensor:
         torch.storage.TypedStorage,
         torch.uint8,
         device,
-        bytes.fromhex(storage.handle),
+        for_local_torch(bytes.fromhex(storage.handle), torch_handle_version(torch.__version__)),
         storage.size,
         storage.offset,
         False,
@@ -303,48 +367,3 @@ def _open(storage: IpcStorage, device: int) -> torch.Tensor:
         bytes.fromhex(storage.event),
         storage.sync,
     )
-
-
-def _device(inc: Incoming) -> torch.device:
-    return next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
-
-
-class Copier:
-    """Copies answered chunks out of the mapped storages into the destination on one stream,
-    and checks them on the destination device."""
-
-    def __init__(self, inc: Incoming, sources: list[torch.Tensor | None]):
-        self.inc = inc
-        self.sources = sources
-        device = _device(inc)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if self.stream is not None:  # after the caller's work and the producer's event
-            for other in {device} | {s.device for s in sources if s is not None}:
-                self.stream.wait_stream(torch.cuda.current_stream(other))
-
-    def copy(self, indices: list[int]) -> list[int]:
-        """Copy chunks ``indices`` and verify them; returns them, in place."""
-        inc = self.inc
-        wsum = inc.digests is not None and inc.digest_kind == WSUM
-        with on_stream(self.stream):
-            for slot, start, stop in inc.plan.joined(indices):
-                source = self.sources[slot]
-                assert source is not None
-                inc.buffers[slot][start:stop].copy_(source[start:stop], non_blocking=True)
-            got = fingerprints(inc.plan, inc.buffers, indices) if wsum else None
-        self._synchronize()
-        for k, index in enumerate(indices):
-            if got is not None:
-                inc.expect(index, got[k])
-            else:
-                inc.verify(index)
-        return indices
-
-    def release(self) -> None:
-        """Wait for the copies, then drop the mappings (torch closes the handles)."""
-        self._synchronize()
-        self.sources = []
-
-    def _synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()

@@ -10,16 +10,33 @@ global default group is never touched, so this works inside a vLLM worker that h
 Gloo is the same path for host tensors; the tests use it to run this module on a CPU machine.
 The client asks for each chunk by index (an int64 message), the server answers with the chunk;
 a chunk made of several small tensors is packed into one buffer so that the number of messages
-stays small. One request is outstanding at a time: a group has a single stream.
+stays small. One request is outstanding at a time: a group has a single stream. The client's
+last request is ``END``; the server answers it with ``END`` (so the client knows it arrived)
+and both sides shut the group down (``shutdown()``: the communicators are finalised, not
+aborted with work in flight).
+
+A failed peer costs only its transfer. An NCCL pair group is built with blocking wait and
+without torch's async error handling (``TORCH_NCCL_BLOCKING_WAIT=1``,
+``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``, read by ``ProcessGroupNCCL``'s constructor): by default
+(3) its watchdog rethrows a timeout or a remote error and ends the whole process, inside a
+vLLM worker taking inference down with it; with blocking wait the error is raised by the
+``wait()`` of the transfer's own thread, and the transfer fails over to another source. The
+settings are set only while this pair's group is built (under a lock) and restored at once.
+NCCL communicators used alongside vLLM's own are a documented NCCL hazard (README: "NCCL
+alongside vLLM"): on one host, CUDA IPC is the device path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
+import logging
+import os
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -30,6 +47,13 @@ from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.chunks import END, PING, answer_requests, request_chunks
 
 SERVER_RANK, CLIENT_RANK = 0, 1
+#: Read by torch's ``ProcessGroupNCCL`` constructor for that group (torch 2.13,
+#: ``torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp``): errors raised in ``wait()``, no
+#: watchdog that ends the process.
+PAIR_NCCL_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+
+log = logging.getLogger("netloader.transport")
+_env_lock = threading.Lock()
 
 
 class ProcessGroupEngine(Engine):
@@ -54,10 +78,13 @@ class ProcessGroupEngine(Engine):
         group = self._join(inc)
         device = next((b.device for b in inc.buffers if b.numel()), torch.device("cpu"))
         stream = GroupAsking(group, inc, torch.empty(1, dtype=torch.int64, device=device))
+        ended = False
         try:
             request_chunks(stream, inc, lambda: None, window=1)
             stream.send(END)
+            ended = acknowledged(group, stream.request, inc.idle)
         finally:
+            finish(group, ended)
             del group, stream
 
     def _join(self, inc: Incoming) -> Any:
@@ -104,14 +131,22 @@ class GroupSending(Sending):
             lambda: self.engine.group(store, SERVER_RANK, out.host, out.idle), out.idle
         )
         self.request = torch.empty(1, dtype=torch.int64, device=out.snapshot.device)
+        self.ended = False
         try:
             answer_requests(self._next_request, out, lambda: None, self._answer)
+            if self.ended:  # tell the client its END arrived, then both sides shut down
+                self.ended = False
+                _move(self.group.send, self.request, CLIENT_RANK, out.idle)
+                self.ended = True
         finally:
+            finish(self.group, self.ended)
             self.close()
 
     def _next_request(self) -> int:
         _move(self.group.recv, self.request, CLIENT_RANK, self.out.idle)
-        return int(self.request.item())
+        index = int(self.request.item())
+        self.ended = index == END
+        return index
 
     def _answer(self, index: int) -> None:
         out = self.out
@@ -186,7 +221,49 @@ class NcclEngine(ProcessGroupEngine):
     def group(self, store: dist.Store, rank: int, host: str, timeout: float) -> Any:
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = _delta(timeout)
-        return dist.ProcessGroupNCCL(store, rank, 2, options)
+        with pair_environment(PAIR_NCCL_ENV):
+            return dist.ProcessGroupNCCL(store, rank, 2, options)
+
+
+@contextlib.contextmanager
+def pair_environment(settings: dict[str, str]) -> Iterator[None]:
+    """``settings`` in the environment while one pair group is built, restored afterwards;
+    one group at a time (a lock), so two transfers never see each other's values."""
+    with _env_lock:
+        before = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def acknowledged(group: Any, request: torch.Tensor, limit: float) -> bool:
+    """Wait for the server's answer to END; False (logged) if it does not come: every chunk is
+    in place already, only the group's shutdown is then an abort."""
+    try:
+        _move(group.recv, request, SERVER_RANK, limit)
+        return int(request.item()) == END
+    except (TimeoutError, ConnectionError) as exc:
+        log.warning("process group: the server did not acknowledge END (%s)", exc)
+        return False
+
+
+def finish(group: Any, ended: bool) -> None:
+    """Shut ``group`` down after an acknowledged END, abort it otherwise (a failed peer: no
+    collective call may wait on it); a backend without either is left to its destructor."""
+    if group is None:
+        return
+    end = getattr(group, "shutdown" if ended else "abort", None)
+    if end is not None:
+        try:
+            end()
+        except RuntimeError as exc:
+            log.warning("process group: %s failed: %s", "shutdown" if ended else "abort", exc)
 
 
 class HcclEngine(ProcessGroupEngine):

@@ -78,9 +78,13 @@ class DeviceStaging:
 
     def send(self, index: int, put: Callable[[memoryview], None]) -> None:
         """Hand chunk ``index`` to ``put`` slice by slice; the next slice is copied to the host
-        while ``put`` sends this one."""
+        while ``put`` sends this one.
+
+        The copy stream does not wait for the caller's stream: served tensors are fixed once
+        captured (the capture synchronised; a relay's chunk is served once it has landed, its
+        copies complete), and inside a vLLM worker the caller's stream is the legacy default
+        stream, where every chunk would queue behind the engine's forward passes."""
         parts = self._parts(index)
-        self._follow_callers()
         self._load(0, parts[0])
         for k, part in enumerate(parts):
             if k + 1 < len(parts):
@@ -129,7 +133,8 @@ class DeviceStaging:
             self._record(which)
 
     def _follow_callers(self) -> None:
-        """Order the copy stream after work the caller queued on the tensors."""
+        """Order the copy stream after work the caller queued on the destination tensors
+        (receiving only)."""
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 

@@ -30,6 +30,8 @@ class Attachments:
         self._lock = threading.Lock()
         self._arrived: queue.Queue[socket.socket] = queue.Queue()
         self._attached: list[socket.socket] = []
+        #: The index the client gave each data connection (its StreamAttach).
+        self._index: dict[socket.socket, int] = {}
 
     def expect(self, count: int) -> None:
         self.expected = count
@@ -37,11 +39,21 @@ class Attachments:
     def attach(self, sock: socket.socket, index: int) -> bool:
         """Take data connection ``index``; False if it is not one this transfer expects."""
         with self._lock:
-            if index >= self.expected or len(self._attached) >= self.expected:
+            if (
+                index >= self.expected
+                or len(self._attached) >= self.expected
+                or index in self._index.values()  # each index once
+            ):
                 return False
             self._attached.append(sock)
+            self._index[sock] = index
         self._arrived.put(sock)
         return True
+
+    def index_of(self, sock: socket.socket) -> int:
+        """The index the client gave data connection ``sock``."""
+        with self._lock:
+            return self._index[sock]
 
     def next(
         self, idle: float, client_gone: Callable[[], bool], cancelled: threading.Event

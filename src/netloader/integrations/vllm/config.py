@@ -19,6 +19,7 @@ from typing import Any
 from netloader.client import parse_source
 from netloader.client.transports import check_known
 from netloader.errors import ConfigError
+from netloader.integrations.vllm.capture import CAPTURE_MODES
 from netloader.options import TOKEN_FILE, PullOptions, ServeOptions
 from netloader.rules import NAMES, TEXT, Rule, choice, optional
 from netloader.settings import (
@@ -127,6 +128,15 @@ class NetloaderConfig:
             optional(TEXT),
             key="DRAFT_MODEL",
             unset="its path",
+        ),
+    )
+    capture: str = declared(
+        "auto",
+        Setting(
+            f"one of {', '.join(CAPTURE_MODES)} (case-insensitive): where a server keeps what it "
+            "serves of the loaded weights",
+            choice(CAPTURE_MODES),
+            key="CAPTURE",
         ),
     )
     int8_cache: str = declared(

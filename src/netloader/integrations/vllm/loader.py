@@ -41,6 +41,7 @@ from netloader import auth, events
 from netloader.client import pull
 from netloader.errors import PullError
 from netloader.identity import Identity
+from netloader.integrations.vllm import capture
 from netloader.integrations.vllm.compile_cache import CompileArtifacts
 from netloader.integrations.vllm.config import NetloaderConfig
 from netloader.integrations.vllm.glue import LayerRegistry, route_core_logs
@@ -137,15 +138,20 @@ class NetloaderModelLoader(DefaultModelLoader):
         finally:
             self._path = _Path.IDLE
         snapshot = self._snapshot
-        assert snapshot is not None
         self._artifacts.finish(identity.rank, self._label)  # before vLLM compiles
-        total, seconds = snapshot.plan.total_bytes, self._weights_seconds
+        total = (
+            snapshot.plan.total_bytes
+            if snapshot is not None
+            else capture.kept_bytes(_named_tensors(model))
+        )
+        seconds = self._weights_seconds
         log.info(
             "netloader: rank %d %sweights phase from %s: %.3f GB in %.2f s (%.2f GB/s)",
             *(identity.rank, self._label, path, total / 1e9, seconds),
             total / 1e9 / max(seconds, 1e-9),
         )
-        self._serve(snapshot, identity)  # its server (and metrics) exist from here on
+        if snapshot is not None:  # None: quantized online, nothing a peer could take (logged)
+            self._serve(snapshot, identity)  # its server (and metrics) exist from here on
         kind = _Path.PEER if path.startswith("peer") else _Path.STORAGE
         events.emit(events.WeightsLoaded(identity.model, identity.rank, kind.value, total, seconds))
         self._artifacts.offer(_WORKER.server)
@@ -197,7 +203,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             self._snapshot = self._pull_weights(model)
         else:
             super().load_weights(model, model_config)
-            self._snapshot = self._capture(self._tensors(model))
+            self._snapshot = self._capture_loaded(model)
         self._weights_seconds = time.perf_counter() - start
 
     def _pull_weights(self, model: nn.Module) -> Snapshot:
@@ -221,6 +227,7 @@ class NetloaderModelLoader(DefaultModelLoader):
                 relay.withdraw(f"its own pull failed: {exc}")
             raise PullError(f"unexpected {type(exc).__name__}: {exc}", partial=True) from exc
         _set_eagle_flags(model, tensors)
+        capture.set_loader_state(model, tensors)
         used = [source for source, nbytes in result.sources.items() if nbytes]
         self._pulled_from = (
             f"peer {result.describe_sources()}"
@@ -228,7 +235,7 @@ class NetloaderModelLoader(DefaultModelLoader):
             else f"peers {result.describe_sources(1e9, ' GB')}"
         ) + f" over {result.transport}"
         if relay is not None and relay.snapshot is not None and not relay.unavailable:
-            self._keep_int8_copies(relay.snapshot, tensors)
+            self._keep_copies(relay.snapshot, tensors)
             return relay.snapshot
         return self._capture(tensors)
 
@@ -247,34 +254,35 @@ class NetloaderModelLoader(DefaultModelLoader):
             device = next(iter(tensors.values())).device
             flags = [bool(getattr(model, flag, False)) for flag in EAGLE_FLAGS]
             tensors[EAGLE_FLAGS_TENSOR] = torch.tensor(flags, dtype=torch.uint8, device=device)
-        return tensors
+        return {**tensors, **capture.loader_state(model, next(iter(tensors.values())).device)}
 
     # --- serving ------------------------------------------------------------------------------
 
+    def _capture_loaded(self, model: nn.Module) -> Snapshot | None:
+        """The capture of a model loaded from storage; None (one INFO line) for a model
+        quantized online, which no peer could take in (see ``capture``)."""
+        online = capture.online_quantized(model)
+        if online is None:
+            return self._capture(self._tensors(model))
+        log.info(
+            "netloader: rank %d does not serve its %smodel: it is quantized online while "
+            "post-processing (e.g. %s), which no peer can take in",
+            *(self._identity.rank if self._identity else 0, self._label, online),
+        )
+        return None
+
     def _capture(self, tensors: dict[str, torch.Tensor]) -> Snapshot:
-        """References to the loaded tensors (plus pristine int8 copies when INT8_CACHE says so),
-        with their digests, taken before post-processing can change anything."""
-        return Snapshot({**tensors, **self._int8_copies(tensors)})
+        """What this server will serve of the loaded tensors, with digests, taken before
+        post-processing can change anything (``capture.served``)."""
+        return Snapshot(capture.served(tensors, self.config))
 
-    def _keep_int8_copies(self, snapshot: Snapshot, tensors: dict[str, torch.Tensor]) -> None:
-        """A relay serves the received tensors themselves; where INT8_CACHE says so, it serves
-        pristine copies instead from now on (post-processing may rewrite the originals)."""
-        for name, copy in self._int8_copies(tensors).items():
-            snapshot.use(name, copy)
-
-    def _int8_copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mode, fragments = self.config.int8_cache, self.config.int8_cache_name
-        copies = {
-            name: t.clone() if mode == "hbm" else t.to("cpu", copy=True)
-            for name, t in tensors.items()
-            if mode != "no"
-            and t.dtype == torch.int8
-            and (fragments is None or any(f in name for f in fragments))
-        }
-        if copies:
-            nbytes = sum(t.nbytes for t in copies.values())
-            log.info("netloader: INT8_CACHE=%s keeps %.3f GB of int8 copies", mode, nbytes / 1e9)
-        return copies
+    def _keep_copies(self, snapshot: Snapshot, tensors: dict[str, torch.Tensor]) -> None:
+        """A relay serves the received tensors themselves; where CAPTURE (or INT8_CACHE) says
+        so, it serves copies instead from now on (post-processing may rewrite the originals)."""
+        served = capture.served(tensors, self.config)
+        for name, copy in served.items():
+            if copy is not tensors.get(name):
+                snapshot.use(name, copy)
 
     def _serve_options(self) -> ServeOptions:
         from vllm.utils.network_utils import get_ip
@@ -315,7 +323,7 @@ class NetloaderModelLoader(DefaultModelLoader):
         if entry is not None and changed:
             entry.unavailable = (
                 f"vLLM post-processing rewrote weights in place: {describe_changed(changed)}; "
-                "set INT8_CACHE to keep pristine copies"
+                "set CAPTURE to host or device to keep copies (INT8_CACHE: int8 ones only)"
             )
             log.warning(
                 "netloader: rank %d will refuse peers asking for %s: %s",
