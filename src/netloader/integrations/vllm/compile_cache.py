@@ -73,16 +73,23 @@ class LiveEntry:
         if len(factors) > 3:  # inductor's factors (VLLM_USE_MEGA_AOT_ARTIFACT)
             named["inductor"] = hashlib.sha256(str(factors[2:-1]).encode()).hexdigest()
         self.wanted = Wanted(self.kind, alias, {**named, **host}, root)
+        self._settled: Path | None = None
 
     def find(self, alias: str) -> Entry | None:
         if alias != self.wanted.alias:
             return None
-        directory = self.kind.entry_dir(self.root, _key(self.vllm_config, self.module)[0])
+        directory = self._settled or self.kind.entry_dir(self.root, self._key_now())
         if not directory.is_dir():
             return None
         if not (directory / SIDECAR).exists():  # so that --compile-cache can offer it later
             write_sidecar(directory, self.kind, alias, self.wanted.factors)
-        return Entry.load(self.kind, directory)
+        entry = Entry.load(self.kind, directory)
+        if entry is not None and entry.ready():
+            self._settled = directory  # compiled: vLLM's key no longer changes
+        return entry
+
+    def _key_now(self) -> str:
+        return _key(self.vllm_config, self.module)[0]
 
     def entries(self) -> list[Entry]:
         entry = self.find(self.wanted.alias)
