@@ -8,7 +8,11 @@ from storage and compiles), then, while the seed serves, three new instances in 
 all taking their weights from the seed:
 - "replica, no artifacts": an empty cache, ARTIFACTS off, so it compiles from scratch;
 - "replica, artifacts from the seed": an empty cache, the seed's entry fetched beside the weights;
-- "warm restart": a copy of the seed's own cache, as when an instance restarts on its node.
+- "warm restart, compile cache only": a copy of the seed's compile cache alone
+  (``torch_compile_cache/``), what artifacts can bring;
+- "warm restart": a copy of the seed's whole VLLM_CACHE_ROOT, as when an instance restarts on
+  its node (it also holds vLLM's ``modelinfos/``, which spares vLLM a subprocess that inspects
+  the model's class before any worker, or netloader, runs).
 Ready is the time from launching the process until ``LLM(...)`` returned (the harness reports
 the wall clock then). The goal (issue 17): artifacts within 1.1x the warm restart.
 """
@@ -31,7 +35,12 @@ from netloader_testing.harness import OfflineInstance, Run
 from netloader_testing.models import tiny_llama
 
 TOKEN = "compile-ready-benchmark-secret-0123"
-ROWS = ("replica, no artifacts", "replica, artifacts from the seed", "warm restart")
+ROWS = (
+    "replica, no artifacts",
+    "replica, artifacts from the seed",
+    "warm restart, compile cache only",
+    "warm restart",
+)
 
 
 def ready(model: Path, work: Path, name: str, extra: dict, cache: Path, hold: bool = False):
@@ -52,11 +61,13 @@ def one_repeat(model: Path, work: Path, repeat: int) -> dict[str, float]:
     try:
         address = Path(f"{prefix}0.txt").read_text().strip()
         pull = {"SOURCE": [{"device_id": 0, "sources": [address]}], "TOKEN_FILE": str(token_file)}
-        order = ROWS[repeat % 3 :] + ROWS[: repeat % 3]
+        order = ROWS[repeat % len(ROWS) :] + ROWS[: repeat % len(ROWS)]
         for row in order:
-            cache = work / f"{row.split(',')[0].replace(' ', '-')}{repeat}-{ROWS.index(row)}"
+            cache = work / f"cache{repeat}-{ROWS.index(row)}"
             if row == "warm restart":
                 shutil.copytree(seed_cache, cache)
+            elif row == "warm restart, compile cache only":
+                shutil.copytree(seed_cache / "torch_compile_cache", cache / "torch_compile_cache")
             extra = {**pull, "ARTIFACTS": "off"} if row == ROWS[0] else pull
             inst, seconds = ready(model, work, f"{ROWS.index(row)}-{repeat}", extra, cache)
             inst.stop()
@@ -68,7 +79,10 @@ def one_repeat(model: Path, work: Path, repeat: int) -> dict[str, float]:
             times[row] = seconds
             [phase] = inst.weights_phases()
             times[f"{row}: weights phase"] = phase.seconds
-            print(f"  repeat {repeat + 1}: {row}: {seconds:.1f} s, weights {phase.seconds:.2f} s")
+            print(
+                f"  repeat {repeat + 1}: {row}: {seconds:.1f} s, weights {phase.seconds:.2f} s",
+                flush=True,
+            )
     finally:
         seed.stop()
     print(f"  repeat {repeat + 1}: seed cold start: {cold:.1f} s", flush=True)
@@ -87,10 +101,15 @@ def main() -> None:
         runs = [one_repeat(model, work, r) for r in range(args.repeats)]
     rows = ("seed cold start", *ROWS)
     medians = {row: statistics.median(run[row] for run in runs) for row in rows}
-    warm = medians["warm restart"]
-    print(f"\nmedians of {args.repeats}, launch to ready:")
+    warm, compiled = medians["warm restart"], medians["warm restart, compile cache only"]
+    print(
+        f"\nmedians of {args.repeats}, launch to ready (x the warm restart, x its compile cache only):"
+    )
     for row in rows:
-        print(f"  {row:34s} {medians[row]:6.1f} s  {medians[row] / warm:5.2f}x the warm restart")
+        print(
+            f"  {row:34s} {medians[row]:6.1f} s  {medians[row] / warm:5.2f}x  "
+            f"{medians[row] / compiled:5.2f}x"
+        )
     for row in ROWS:
         phases = [run[f"{row}: weights phase"] for run in runs]
         print(f"  weights phase, {row}: median {statistics.median(phases):.2f} s")
