@@ -115,7 +115,10 @@ def _ready(
 
 
 class SocketAsking:
-    """Requests as 8-byte headers on ``sock``; ``land`` takes the answers (``chunks.Asking``)."""
+    """Requests as 8-byte headers on ``sock``; ``land`` takes the answers (``chunks.Asking``).
+    Its answers land through the board's claims, so it may carry endgame copies."""
+
+    copies = True
 
     def __init__(self, sock: socket.socket, land: Callable[[collections.deque[int]], list[int]]):
         self.sock = sock
@@ -142,6 +145,8 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
         recv_buffers(sock, [memoryview(header)])
         index = take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])
         inc.wrote = True
+        if not inc.board.claim(index, inc.source):
+            return _land_aside(sock, inc, staging, index)
         if staging.on_device(index):
             _receive_staged(sock, inc, staging.device, index)
         else:
@@ -153,6 +158,31 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
     stream = SocketAsking(sock, land)
     request_chunks(stream, inc, mark, WINDOW)
     stream.end()
+
+
+def _land_aside(sock: socket.socket, inc: Incoming, staging: Staging, index: int) -> list[int]:
+    """A chunk another source was asked for too: into a buffer of its own, checked there, and
+    put in place only if no other copy won (the board says which). Nothing left to mark."""
+    aside = memoryview(bytearray(inc.plan.chunk_bytes(index)))
+    recv_buffers(sock, [aside])
+    inc.verify(index, [aside])
+
+    offset = 0
+
+    def fill(view: memoryview) -> None:  # the next ``len(view)`` bytes of the copy
+        nonlocal offset
+        view[:] = aside[offset : offset + len(view)]
+        offset += len(view)
+
+    def put() -> None:
+        if staging.on_device(index):
+            staging.device.receive(index, fill)
+        else:
+            for view in staging.views(index):
+                fill(view)
+
+    inc.board.commit(index, inc.source, put)
+    return []
 
 
 def _receive_staged(sock: socket.socket, inc: Incoming, device: DeviceStaging, index: int) -> None:
