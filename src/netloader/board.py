@@ -18,6 +18,7 @@ claims (``take(..., copies=True)``) are given copies, or have theirs copied.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -25,6 +26,7 @@ from collections.abc import Callable
 
 MAX_COPIES = 2  # sources asked for one chunk at once, at most
 PATIENCE = 3.0  # a chunk in flight this many times the usual time from asking to landing is late
+RECENT = 32  # landings the usual time is the median of (a slow source's few barely move it)
 
 
 class Board:
@@ -34,7 +36,7 @@ class Board:
         self._pending: deque[int] = deque(range(num_chunks))
         self._owners: dict[int, list[str]] = {}  # chunk -> sources it is in flight at
         self._asked_at: dict[int, float] = {}  # chunk -> when it was first asked for
-        self._usual: float | None = None  # smoothed time from asking to landing
+        self._took: deque[float] = deque(maxlen=RECENT)  # recent times from asking to landing
         self._landing: set[int] = set()  # chunks whose one answer is landing in place
         self._claiming: set[str] = set()  # sources that land through claims
         self._done = bytearray(num_chunks)
@@ -48,6 +50,7 @@ class Board:
         self.refetched = 0
         #: Called with each chunk index once it is verified and in place (e.g. to relay it).
         self.on_done: list[Callable[[int], None]] = []
+        self._on_complete: list[Callable[[], None]] = []
 
     @property
     def finished(self) -> bool:
@@ -100,9 +103,9 @@ class Board:
 
     def _late_since(self) -> float:
         """Chunks asked for before this moment are late (none before one chunk landed)."""
-        if self._usual is None:
+        if not self._took:
             return float("-inf")
-        return time.monotonic() - PATIENCE * self._usual
+        return time.monotonic() - PATIENCE * statistics.median(self._took)
 
     def claim(self, index: int, source: str) -> bool:
         """The answer for ``index`` from ``source`` begins: True if it may land in place (no
@@ -122,9 +125,17 @@ class Board:
                 put()
             self._settle(index, source)
         if won:
-            for hook in self.on_done:
-                hook(index)
+            self._after(index)
         return won
+
+    def when_complete(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once every chunk is done (at once if they are): a stream still waiting
+        for an answer then waits for nothing anyone needs."""
+        with self._cond:
+            if self._left:
+                self._on_complete.append(hook)
+                return
+        hook()
 
     def wait_for_work(self, timeout: float, source: str | None = None) -> None:
         """Block until a chunk waits to be fetched, the pull finished, ``timeout`` passed, or
@@ -141,22 +152,35 @@ class Board:
     def _next_late(self, source: str | None) -> float | None:
         """Seconds until ``source`` may copy a chunk in flight elsewhere (None: never)."""
         candidates = self._copyable(source) if source is not None else []
-        if self._usual is None or not candidates:
+        if not self._took or not candidates:
             return None
         return min(self._asked_at[i] for i in candidates) - self._late_since()
 
-    def wait_finished(self) -> None:
-        """Block until every chunk is done or the pull was stopped."""
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Block until every chunk is done or the pull was stopped (True), or ``timeout``."""
         with self._cond:
-            self._cond.wait_for(lambda: self.finished)
+            return self._cond.wait_for(lambda: self.finished, timeout)
+
+    def held(self) -> int:
+        """Verified bytes in place so far."""
+        with self._cond:
+            return sum(self.delivered.values())
 
     def done(self, index: int, source: str) -> None:
         """Chunk ``index`` landed from ``source`` and was verified (a late copy is dropped)."""
         with self._cond:
             first = self._settle(index, source)
         if first:
-            for hook in self.on_done:
-                hook(index)
+            self._after(index)
+
+    def _after(self, index: int) -> None:
+        """The hooks for chunk ``index``, just done, and for the board if it is complete."""
+        for hook in self.on_done:
+            hook(index)
+        if self._left == 0:
+            hooks, self._on_complete = self._on_complete, []
+            for complete in hooks:
+                complete()
 
     def _settle(self, index: int, source: str) -> bool:
         """Record that ``source`` delivered ``index``; False if a copy was done before."""
@@ -167,8 +191,7 @@ class Board:
         self._left -= 1
         self._owners.pop(index, None)
         self._landing.discard(index)
-        took = time.monotonic() - self._asked_at.pop(index)
-        self._usual = took if self._usual is None else 0.8 * self._usual + 0.2 * took
+        self._took.append(time.monotonic() - self._asked_at.pop(index))
         self.delivered[source] += self._chunk_bytes(index)
         self._cond.notify_all()
         return True

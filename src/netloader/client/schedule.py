@@ -199,7 +199,10 @@ class Scheduler:
         self.busy.discard(run)
         if report.peers is not None:  # a membership: its source sent this client to peers
             self.members.add(run)
-            self.sources.put_first(report.peers, {r.endpoint.text for r in self.runs})
+            # A source that placed this client may name itself later (a move): only sources
+            # that deliver or may deliver count as known.
+            known = {r.endpoint.text for r in self.runs if not r.is_member}
+            self.sources.put_first(report.peers, known)
             return
         self.members.discard(run)
         # Once the board is complete nothing is missing (a late source cut in its handshake);

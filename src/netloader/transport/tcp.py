@@ -21,7 +21,7 @@ import torch
 from netloader.digest import XXH3, streaming
 from netloader.errors import Code, ProtocolError, Refused, TensorsChanged, Withdrawn
 from netloader.protocol import MAX_STREAMS, Channel, Hello, Refuse, StreamAttach, encode
-from netloader.sockets import connect, kernel_timeouts
+from netloader.sockets import connect, kernel_timeouts, shutdown
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.chunks import (
     CHUNK_HEADER,
@@ -136,13 +136,26 @@ class SocketAsking:
 
 def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
     """Ask for chunks from the board, up to WINDOW at a time, until it has none left; each
-    lands straight in its tensors (device pieces through pinned slices) and is verified."""
+    lands straight in its tensors (device pieces through pinned slices) and is verified. Once
+    the board is complete, a stream still waiting for an answer (a chunk another source
+    delivered first) is cut: nobody needs it."""
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
+    waiting = threading.Event()  # set while waiting for the next answer
+    cut = threading.Event()
+
+    def on_complete() -> None:
+        if waiting.is_set():
+            cut.set()
+            shutdown(sock)
 
     def land(asked: collections.deque[int]) -> list[int]:
         header = bytearray(CHUNK_HEADER.size)
-        recv_buffers(sock, [memoryview(header)])
+        waiting.set()
+        try:
+            recv_buffers(sock, [memoryview(header)])
+        finally:
+            waiting.clear()
         index = take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])
         inc.wrote = True
         if not inc.board.claim(index, inc.source):
@@ -155,8 +168,14 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
             inc.verify(index, views)
         return [index]
 
+    inc.board.when_complete(on_complete)
     stream = SocketAsking(sock, land)
-    request_chunks(stream, inc, mark, WINDOW)
+    try:
+        request_chunks(stream, inc, mark, WINDOW)
+    except OSError:
+        if cut.is_set():
+            return
+        raise
     stream.end()
 
 
