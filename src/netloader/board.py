@@ -30,7 +30,14 @@ RECENT = 32  # landings the usual time is the median of (a slow source's few bar
 
 
 class Board:
-    def __init__(self, num_chunks: int, chunk_bytes: Callable[[int], int], endgame: bool = True):
+    def __init__(
+        self,
+        num_chunks: int,
+        chunk_bytes: Callable[[int], int],
+        endgame: bool = True,
+        clock: Callable[[], float] = time.monotonic,  # the fleet simulator brings its own
+    ):
+        self._clock = clock
         self.num_chunks = num_chunks
         self._chunk_bytes = chunk_bytes
         self._pending: deque[int] = deque(range(num_chunks))
@@ -75,7 +82,7 @@ class Board:
                 self._claiming.add(source)
             if self._pending:
                 index = self._pending.popleft()
-                self._asked_at[index] = time.monotonic()
+                self._asked_at[index] = self._clock()
             elif copies and self._endgame and (index := self._copy_for(source)) is not None:
                 self.refetched += self._chunk_bytes(index)
             else:
@@ -105,7 +112,7 @@ class Board:
         """Chunks asked for before this moment are late (none before one chunk landed)."""
         if not self._took:
             return float("-inf")
-        return time.monotonic() - PATIENCE * statistics.median(self._took)
+        return self._clock() - PATIENCE * statistics.median(self._took)
 
     def claim(self, index: int, source: str) -> bool:
         """The answer for ``index`` from ``source`` begins: True if it may land in place (no
@@ -191,7 +198,7 @@ class Board:
         self._left -= 1
         self._owners.pop(index, None)
         self._landing.discard(index)
-        self._took.append(time.monotonic() - self._asked_at.pop(index))
+        self._took.append(self._clock() - self._asked_at.pop(index))
         self.delivered[source] += self._chunk_bytes(index)
         self._cond.notify_all()
         return True
