@@ -225,7 +225,7 @@ def simulate(hosts: dict, args: argparse.Namespace, new: bool, rate: float) -> d
     fast_ends = [h.ready_at if h.ready_at is not None else float("inf") for h in fast]
 
     def share(p: float) -> float:
-        return ends[max(0, int(round(p * len(ends))) - 1)] / alone
+        return ends[max(0, round(p * len(ends)) - 1)] / alone
 
     return {
         "policy": "new" if new else "old",

@@ -5,11 +5,12 @@ source simply asks more often and carries a larger share (work stealing, no fixe
 chunk counts as done only once it landed and was verified. When a source fails, the chunks it
 had in flight go back to the front of the queue for the others.
 
-Endgame (``copies=True``): once no chunk is waiting, a stream with room is given a chunk still
-in flight at another source whose answer has not started (say, a relay that does not hold it
+Late chunks (``copies=True``): before any chunk still waiting, a stream with room is given a
+chunk in flight at another source whose answer has not started (say, a relay that does not hold it
 yet, or a stalled link) and that has waited there well beyond the usual time from asking to
-landing (``PATIENCE`` times it), so the last chunks never wait for the slowest source, while
-sources that keep pace are never copied. A chunk asked
+landing (``PATIENCE`` times it), so no chunk waits for the slowest source (a relay's own
+downstream asks for chunks in order, so one stuck chunk would hold it back), while sources
+that keep pace are never copied. At the end of a pull this is the endgame. A chunk asked
 twice lands where it belongs only through ``claim``/``commit``: the first answer of a chunk
 nobody else was asked for lands in place (``claim`` True); every other answer lands aside,
 and the first verified copy is committed, the others dropped. Only sources that land through
@@ -80,11 +81,13 @@ class Board:
                 return None
             if copies:
                 self._claiming.add(source)
-            if self._pending:
+            late = self._copy_for(source) if copies and self._endgame else None
+            if late is not None:
+                index = late
+                self.refetched += self._chunk_bytes(index)
+            elif self._pending:
                 index = self._pending.popleft()
                 self._asked_at[index] = self._clock()
-            elif copies and self._endgame and (index := self._copy_for(source)) is not None:
-                self.refetched += self._chunk_bytes(index)
             else:
                 return None
             self._owners.setdefault(index, []).append(source)

@@ -12,9 +12,10 @@ forgotten, and whoever pulled from it comes back and is placed again.
 
 Members report how much they hold (``progress``), so each has a smoothed receiving rate. A
 member is *slow* when it receives at under ``SLOW`` times the pace of what feeds it (its
-fastest upstream still pulling; for the seed or a relay already holding the model, the median
-of the other members): slow relative to the others, never by a fixed rate, and a member that
-keeps pace with a slow upstream is not slow itself. Nobody is placed behind a slow member, or
+fastest upstream; for the seed, the median of the other members pulling) and does not merely
+wait for an upstream still pulling (it is more than ``LAG`` s of that one's rate behind it):
+slow relative to the others, never by a fixed rate; a member that keeps pace with a slow
+upstream, or catches up with one that just sped up, is not slow itself. Nobody is placed behind a slow member, or
 behind one fed only by slow members; and a member whose every upstream is slow is *moved*: it is
 given one more upstream (``Placement``, told through its ``notify``), chosen by the same rule
 among the nodes that joined before it, while it keeps the old ones (its work-stealing board
@@ -49,6 +50,9 @@ SLOW = 0.5
 #: they span ``MIN_SPAN`` s while it receives (report times jitter on a loaded host).
 RATE_WINDOW = 3.0
 MIN_SPAN = 1.0
+#: A member within this many seconds (at its upstream's rate) of an upstream's progress is
+#: waiting for it, not slow.
+LAG = 2.0
 #: Times one member is moved at most (each move adds an upstream).
 MAX_MOVES = 3
 
@@ -211,10 +215,18 @@ class Relays:
         return statistics.median(rates) if rates else None  # type: ignore[type-var]
 
     def _is_slow(self, member: Member) -> bool:
+        """Receiving at under SLOW times the pace of what feeds it, and not merely waiting for
+        an upstream member it keeps up with (within LAG s of that one's progress, as when
+        the upstream has just sped up)."""
         if not member.measured:
             return False
         paces = [p for u in member.upstreams if (p := self._pace(u, member)) is not None]
-        return bool(paces) and member.rate < SLOW * max(paces)  # type: ignore[operator]
+        if not paces or member.rate >= SLOW * max(paces):  # type: ignore[operator]
+            return False
+        ahead = [self._members[u] for u in member.upstreams if u in self._members]
+        return not any(
+            u.rate is not None and u.held - member.held < LAG * u.rate for u in ahead if not u.holds
+        )
 
     def _starved(self, member: Member) -> bool:
         """Every upstream of ``member`` is a slow member."""
@@ -233,7 +245,10 @@ class Relays:
                 continue
             member.upstreams.append(choice)
             member.moves += 1
-            member.forget_rate()  # judged afresh against its new upstreams
+            # It, and whoever it feeds, are judged afresh: their pace is about to change.
+            for m in self._members.values():
+                if m is member or member.address in m.upstreams:
+                    m.forget_rate()
             log.info("moving %s to pull from %s too", member.address, choice or "here")
             moves.append((member, _placement(choice)))
         return moves
