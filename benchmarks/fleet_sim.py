@@ -29,9 +29,11 @@ from pathlib import Path
 
 from netloader.board import Board
 from netloader.cli import parse_size
+from netloader.server import relays as relays_module
 from netloader.server.relays import Placement, Relays
 
 SEED = "seed"
+STREAMS = 2  # streams per source (the default), each bringing one chunk at a time
 WINDOW = 4  # requests outstanding per source: 2 streams x 2 (transport.chunks.WINDOW)
 REPORT_EVERY = 0.5  # client.relay.REPORT_EVERY
 CHUNK = 4 << 20
@@ -95,17 +97,15 @@ def holds(fleet: Fleet, source: str, index: int) -> bool:
 
 
 def flows(fleet: Fleet) -> list[tuple[Host, str, int]]:
-    """Every (receiver, source, chunk) moving bytes now: the first chunk each source was asked
-    for, once it holds it."""
+    """Every (receiver, source, chunk) moving bytes now: per source, one chunk per stream
+    (the first ones asked that it holds), each stream a flow of its own on the links."""
     moving = []
     for host in fleet.hosts.values():
         if host.board is None or host.dead or host.ready_at is not None:
             continue
         for source in host.sources:
-            for index in host.asked[source]:
-                if holds(fleet, source, index):
-                    moving.append((host, source, index))
-                    break
+            held = [i for i in host.asked[source] if holds(fleet, source, i)]
+            moving += [(host, source, i) for i in held[:STREAMS]]
     return moving
 
 
@@ -261,7 +261,7 @@ def check_bed(path: str, args: argparse.Namespace) -> None:
             at = run["slow"]["joined"] - 1
             joins = starts[max(0, at - 1)]
             hosts = dict(sorted({**hosts, "slow": Host("slow", rate / 10, joins)}.items()))
-            order = sorted(hosts.values(), key=lambda h: (h.joins, h.name != "slow"))
+            order = sorted(hosts.values(), key=lambda h: (h.joins, h.name == "slow"))
             hosts = {h.name: h for h in order}
         r = simulate(hosts, args, True, rate)
         predicted = r["fast_all"] * size / rate / one
@@ -286,7 +286,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--json", default=None)
     parser.add_argument("--bed", default=None, help="check against this fanout.py JSON")
+    parser.add_argument("--plot", default=None, help="a PNG of replicas ready over time")
+    parser.add_argument(
+        "--max-members",
+        type=int,
+        default=None,
+        help="what if the seed tracked this many members (relays.MAX_MEMBERS; beyond it the "
+        "seed serves clients itself)",
+    )
     args = parser.parse_args(argv)
+    if args.max_members is not None:
+        relays_module.MAX_MEMBERS = args.max_members
     if args.bed:
         check_bed(args.bed, args)
         return
@@ -300,6 +310,32 @@ def main(argv: list[str] | None = None) -> None:
             print(_row(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Share of replicas ready over time (in units of one replica alone), per N and policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["n"] for r in results})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        for r in (r for r in results if r["n"] == n):
+            done = [t for t in r["curve"] if t != float("inf")]
+            ys = [(i + 1) / len(r["curve"]) for i in range(len(done))]
+            ax.step(done, ys, where="post", label=f"{r['policy']} policy")
+        ax.set_title(f"N = {n}")
+        ax.set_xlabel("time / one replica alone")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of replicas ready")
+    axes[0][0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _row(r: dict) -> str:

@@ -46,7 +46,7 @@ def test_a_late_chunk_is_copied_and_the_first_verified_copy_wins():
     time.sleep(0.01)  # chunk 0 is now many times that old
     assert board.take("fast", copies=True) == 0  # a copy of the late chunk, before 2
     assert board.take("fast", copies=True) == 2
-    assert board.refetched == 100
+    assert board.refetched == board.copied == 100
     # The late source's answer begins: it may not land in place (another copy is asked).
     assert not board.claim(0, "slow")
     assert board.claim(2, "fast")  # nobody else was asked for 2
@@ -141,7 +141,7 @@ def test_a_member_far_behind_what_feeds_it_is_slow_and_its_downstream_moves_ahea
     earlier node that is neither slow nor fed only by slow ones) and keeps b."""
     relays, clock, (a, b, c, d), told = fleet(4)
     rates = {a: 25e6, b: 2.5e6, c: 2.5e6, d: 2.5e6}
-    moves = report(relays, clock, rates, 2)  # b's reports span a second at the second
+    moves = report(relays, clock, rates, 3)  # b is 2 s of a's rate behind a at the third
     assert relays.slow() == [b]
     assert moves == [(c, Placement(here=False, peers=(a,)))]
     assert told == [Placement(here=False, peers=(a,))]
@@ -153,7 +153,7 @@ def test_a_member_far_behind_what_feeds_it_is_slow_and_its_downstream_moves_ahea
 
 def test_nobody_new_is_placed_behind_a_slow_member():
     relays, clock, (a, b, c), _ = fleet(3)
-    report(relays, clock, {a: 25e6, b: 2.5e6, c: 2.5e6}, 2)  # c is moved at the second
+    report(relays, clock, {a: 25e6, b: 2.5e6, c: 2.5e6}, 3)  # c is moved at the third
     late = "10.0.0.9:1"
     placement = relays.join(late, [])
     assert b not in placement.peers and c in placement.peers  # c is fed by a now too

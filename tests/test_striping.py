@@ -113,7 +113,8 @@ def test_a_source_killed_mid_transfer_costs_only_its_chunks_in_flight(after):
         assert not doomed.process.is_alive()
     assert_same(all_cases(), result.tensors)
     assert 0 < result.sources[proxy.address] < result.total_bytes
-    assert result.refetched <= 2 * WINDOW * CHUNK
+    # Besides copies of chunks late at the slower source (``copied``).
+    assert result.refetched - result.copied <= 2 * WINDOW * CHUNK
     assert sum(result.sources.values()) == result.total_bytes
 
 

@@ -54,8 +54,10 @@ class Board:
         self._cond = threading.Condition()
         #: Verified bytes delivered by each source.
         self.delivered: Counter[str] = Counter()
-        #: Bytes asked again: chunks handed back by failed sources, and endgame copies.
+        #: Bytes asked again: chunks handed back by failed sources, and late chunks' copies.
         self.refetched = 0
+        #: Of ``refetched``, the late chunks' copies.
+        self.copied = 0
         #: Called with each chunk index once it is verified and in place (e.g. to relay it).
         self.on_done: list[Callable[[int], None]] = []
         self._on_complete: list[Callable[[], None]] = []
@@ -85,6 +87,7 @@ class Board:
             if late is not None:
                 index = late
                 self.refetched += self._chunk_bytes(index)
+                self.copied += self._chunk_bytes(index)
             elif self._pending:
                 index = self._pending.popleft()
                 self._asked_at[index] = self._clock()

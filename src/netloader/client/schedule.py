@@ -248,4 +248,5 @@ class Scheduler:
             streams=main.streams,
             sources=delivered,
             refetched=self.board.refetched,
+            copied=self.board.copied,
         )
