@@ -25,16 +25,30 @@ from netloader_testing.netbed import NetBed
 # --- the board ----------------------------------------------------------------------------
 
 
+class Clock:
+    """A clock the tests move: chunks age without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CLOCK = Clock()
+
+
 def sized(n: int) -> Board:
-    return Board(n, lambda i: 100)
+    return Board(n, lambda i: 100, clock=CLOCK)
 
 
 def test_no_copy_before_a_chunk_is_late():
     board = sized(3)
     assert [board.take("a", copies=True) for _ in range(3)] == [0, 1, 2]
     assert board.take("b", copies=True) is None  # nothing landed: nothing is late yet
-    board.done(0, "a")
-    assert board.take("b", copies=True) is None  # 1 and 2 were asked just now
+    CLOCK.now += 1
+    board.done(0, "a")  # the usual time: 1 s
+    assert board.take("b", copies=True) is None  # 1 and 2 were asked only 1 s ago
     assert board.refetched == 0
 
 
@@ -42,8 +56,9 @@ def test_a_late_chunk_is_copied_and_the_first_verified_copy_wins():
     board = sized(3)
     assert board.take("slow", copies=True) == 0
     assert board.take("fast", copies=True) == 1
-    board.done(1, "fast")  # the usual time from asking to landing: about nothing
-    time.sleep(0.01)  # chunk 0 is now many times that old
+    CLOCK.now += 1
+    board.done(1, "fast")  # the usual time from asking to landing: 1 s
+    CLOCK.now += 3 * PATIENCE  # chunk 0 is now late
     assert board.take("fast", copies=True) == 0  # a copy of the late chunk, before 2
     assert board.take("fast", copies=True) == 2
     assert board.refetched == board.copied == 100
@@ -64,9 +79,10 @@ def test_a_chunk_landing_in_place_or_at_a_source_without_claims_is_never_copied(
     assert board.take("plain") == 1  # a stream that does not land through claims
     assert board.take("a", copies=True) == 2
     assert board.claim(2, "a")
-    board.done(2, "a")  # the usual time: about nothing
+    CLOCK.now += 1
+    board.done(2, "a")  # the usual time: 1 s
     assert board.claim(0, "a")  # landing in place from now on
-    time.sleep(0.01)  # 0 and 1 are late
+    CLOCK.now += 3 * PATIENCE  # 0 and 1 are late
     assert board.take("b", copies=True) is None
     assert board.take("plain") is None
 
@@ -75,8 +91,9 @@ def test_a_failed_source_gives_back_only_the_chunks_nobody_else_has():
     board = sized(3)
     assert [board.take("slow", copies=True) for _ in range(2)] == [0, 1]
     assert board.take("fast", copies=True) == 2
+    CLOCK.now += 1
     board.done(2, "fast")
-    time.sleep(0.01)
+    CLOCK.now += 3 * PATIENCE
     assert board.take("fast", copies=True) == 0  # a copy of the late chunk
     assert board.release("slow") == [1]  # 0 is still in flight at "fast"
     assert board.take("fast", copies=True) == 1
@@ -86,23 +103,17 @@ def test_a_waiting_stream_wakes_when_a_chunk_becomes_late():
     board = sized(2)
     board.take("slow", copies=True)
     board.take("fast", copies=True)
+    CLOCK.now += 1
     board.done(1, "fast")
+    assert board.take("fast", copies=True) is None  # chunk 0 is not late yet
+    CLOCK.now += 3 * PATIENCE
     started = time.monotonic()
-    board.wait_for_work(30, "fast")  # returns once chunk 0 is late, long before 30 s
+    board.wait_for_work(30, "fast")  # returns at once: chunk 0 is late
     assert time.monotonic() - started < 10
     assert board.take("fast", copies=True) == 0
-    assert PATIENCE > 1
 
 
 # --- the placement policy -----------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fleet(n: int) -> tuple[Relays, Clock, list[str], list[Placement]]:

@@ -34,6 +34,7 @@ from netloader.protocol import (
     decode,
     encode,
 )
+from netloader.protocol.fanout import Moved, Progress
 from netloader.transport.cuda_ipc_wire import IpcOffer, IpcReply, IpcStorage
 
 hexes = lambda n: st.binary(min_size=n, max_size=n).map(bytes.hex)  # noqa: E731
@@ -154,6 +155,8 @@ by_kind = {
     "done": st.builds(Done, st.booleans(), texts, st.text(max_size=64)),
     "ipc_offer": ipc_offers(),
     "ipc_reply": st.builds(IpcReply, st.booleans(), texts),
+    "progress": st.builds(Progress, st.integers(0, 1 << 62)),
+    "moved": st.builds(Moved, st.booleans(), st.lists(addresses, max_size=4)),
 }
 messages = st.one_of(*by_kind.values())
 
@@ -521,6 +524,8 @@ FIELDS = {
         "reason": is_text(4096),
     },
     "ipc_reply": {"ok": is_bool, "reason": is_text(4096)},
+    "progress": {"held": is_int(0, 1 << 62)},
+    "moved": {"here": is_bool, "peers": is_addresses},
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
