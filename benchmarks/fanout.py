@@ -27,6 +27,11 @@ Then, with 4 clients in fan-out mode, a client that feeds another is killed (SIG
 has received a random part (10 % to 80 %) of the model: every other client must still finish
 (each verifies every chunk); the extra time and the bytes fetched twice are reported.
 
+``--resilience`` runs instead, side by side: one client alone, then N (the largest of
+``--clients``) with equal links, with one client (a random one) at a tenth of the rate, and
+with a relay killed at a random point; each time of the clients that are not slow over the time
+of one alone, where the slow one joined the chain, and the seed's moves.
+
 Reported per run: the time, the seed's uplink bytes over the model's size, and the cores used
 by all netloader processes (median of 0.5 s slices), to show the links are the limit.
 """
