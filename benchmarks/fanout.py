@@ -27,6 +27,11 @@ Then, with 4 clients in fan-out mode, a client that feeds another is killed (SIG
 has received a random part (10 % to 80 %) of the model: every other client must still finish
 (each verifies every chunk); the extra time and the bytes fetched twice are reported.
 
+``--resilience`` runs instead, side by side: one client alone, then N (the largest of
+``--clients``) with equal links, with one client (a random one) at a tenth of the rate, and
+with a relay killed at a random point; each time of the clients that are not slow over the time
+of one alone, where the slow one joined the chain, and the seed's moves.
+
 Reported per run: the time, the seed's uplink bytes over the model's size, and the cores used
 by all netloader processes (median of 0.5 s slices), to show the links are the limit.
 """
@@ -55,11 +60,13 @@ from netloader.synthetic import llm_like
 # The test scaffolding is not installed: take netloader_testing/ from the source tree.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from netloader_testing.cpu import CpuSampler
-from netloader_testing.netbed import NetBed, available
+from netloader_testing.netbed import NetBed, available, parse_rate
 
 PULLED = re.compile(r"pulled (\d+) bytes in ([\d.]+) s .* from (.*) over ")
 AGAIN = re.compile(r"(\d+) bytes fetched again")
 FEEDER = re.compile(r"to pull from ([\d.]+):\d+")
+# The seed's placements ("sending A to pull from B") and moves ("moving A to pull from B too").
+PLACED = re.compile(r"(?:sending|moving) (\S+) to pull from (\S+?)( too)?$", re.M)
 
 
 class Client:
@@ -102,11 +109,21 @@ FAN_OUT_1MIB = Mode("fan-out, 1 MiB chunks", discovery=True, chunk="1MiB")
 
 
 def one_run(
-    checkpoint: Path, rate: str, count: int, mode: Mode, kill_at: float | None = None
+    checkpoint: Path,
+    rate: str,
+    count: int,
+    mode: Mode,
+    kill_at: float | None = None,
+    slow: tuple[str, str] | None = None,
 ) -> dict:
+    """``slow``: (host, rate) for one client host whose link is slower than ``rate``; the run
+    ends when every other client holds the model (the slow one's time, if it finished)."""
     names = [f"c{i}" for i in range(count)]
     size = checkpoint.stat().st_size
-    with NetBed(dict.fromkeys(["seed", *names], rate)) as bed, tempfile.TemporaryFile("w+") as log:
+    rates = dict.fromkeys(["seed", *names], rate)
+    if slow is not None:
+        rates[slow[0]] = slow[1]
+    with NetBed(rates) as bed, tempfile.TemporaryFile("w+") as log:
         seed_host = bed["seed"]
         serve = ["serve", checkpoint.parent, "--host", seed_host.address, "--model", "bench"]
         serve += ["--max-clients", str(max(4, count))]  # seed only: all N at once, no queue
@@ -123,13 +140,18 @@ def one_run(
         clients = [Client(bed[n], address, mode.discovery, start) for n in names]
         sampler = CpuSampler([seed.pid, *(c.proc.pid for c in clients)])
         killed = _kill_a_feeder(bed, clients, log, size, kill_at) if kill_at is not None else None
+        slow_client = next((c for c in clients if slow and c.host is bed[slow[0]]), None)
         for c in clients:
-            if c is not killed:
+            if c is not killed and c is not slow_client:
                 c.reader.join(900)
                 assert c.pulled_at is not None, c.proc.stderr.read()
         cores = sampler.stop()
         seed_sent = seed_host.tx_bytes() - sent_before
-    done = [c for c in clients if c is not killed]
+        log.seek(0)
+        placements = PLACED.findall(log.read())
+        chain = _chain_position(bed, names, slow[0], placements) if slow else None
+    slow_s = slow_client.pulled_at if slow_client else None
+    done = [c for c in clients if c is not killed and c is not slow_client]
     again = sum(int(m[1]) for c in done if (m := AGAIN.search(c.line)))
     ends = [c.pulled_at for c in done]
     starts = [end - float(PULLED.search(c.line)[2]) for end, c in zip(ends, done, strict=True)]
@@ -145,8 +167,21 @@ def one_run(
         "cores": cores,
         "fetched_again": again,
         "killed_after_fraction": kill_at,
+        "slow": None if slow is None else {"rate": slow[1], "seconds": slow_s, "joined": chain},
+        "moves": [m for m in placements if m[2]],
         "lines": [c.line for c in done],
     }
+
+
+def _chain_position(bed, names: list[str], slow: str, placements: list) -> int | None:
+    """Where the slow host joined: 1 for the first relay placed (fed by the seed)."""
+    order = []
+    for peer, _upstream, moved in placements:
+        host = peer.rsplit(":", 1)[0]
+        if not moved and host not in order:
+            order.append(host)
+    address = bed[slow].address
+    return order.index(address) + 2 if address in order else 1  # the first is served directly
 
 
 def _kill_a_feeder(bed, clients, log, size: int, fraction: float) -> Client:
@@ -172,6 +207,12 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit", help="every host's link")
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--seed", type=int, default=0, help="for the random kill point")
+    parser.add_argument(
+        "--resilience",
+        action="store_true",
+        help="instead: 1 client, then N (the largest of --clients) with equal links, with one "
+        "slow client (a tenth of the rate, a random one), and with a relay killed at a random point",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -179,6 +220,9 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"needs network namespaces: {reason}")
     counts = [int(n) for n in args.clients.split(",")]
+    if args.resilience:
+        resilience(args, max(counts))
+        return
     with tempfile.TemporaryDirectory(prefix="netloader-fanout-") as tmp:
         checkpoint = Path(tmp) / "bench" / "model.safetensors"
         checkpoint.parent.mkdir()
@@ -214,6 +258,53 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(report, args.plot)
+
+
+def resilience(args: argparse.Namespace, count: int) -> None:
+    """One client alone, then ``count`` clients: equal links, one slow, one relay killed; each
+    time of the clients that are not slow, over the time of one alone."""
+    chance = random.Random(args.seed)
+    slow = (f"c{chance.randrange(count)}", f"{parse_rate(args.rate) // 10}bit")
+    fraction = chance.uniform(0.1, 0.8)
+    with tempfile.TemporaryDirectory(prefix="netloader-fanout-") as tmp:
+        checkpoint = Path(tmp) / "bench" / "model.safetensors"
+        checkpoint.parent.mkdir()
+        save_file(llm_like(args.size, seed=2), checkpoint)
+        size = checkpoint.stat().st_size
+        runs = []
+        for label, kwargs in [
+            ("one alone", {"count": 1}),
+            ("equal links", {"count": count}),
+            (f"one slow ({slow[1]})", {"count": count, "slow": slow}),
+            (f"one relay killed at {fraction:.0%}", {"count": count, "kill_at": fraction}),
+        ]:
+            count_ = kwargs.pop("count")
+            run = one_run(checkpoint, args.rate, count_, FAN_OUT, **kwargs)
+            run["case"] = label
+            runs.append(run)
+            print(f"{label}: {_row(run)}", file=sys.stderr, flush=True)
+    one = runs[0]
+    report = {"machine": machine_description(), "payload_bytes": size, "rate": args.rate}
+    report["runs"] = runs
+    print(f"{size / 2**20:.0f} MiB, every link {args.rate}; machine: {report['machine']}")
+    for r in runs:
+        slow_note = ""
+        if r["slow"]:
+            took = r["slow"]["seconds"]
+            slow_note = (
+                f"; the slow one joined {r['slow']['joined']}th, "
+                + (f"done at {took:.1f} s" if took else "still pulling")
+                + f"; moves: {len(r['moves'])}"
+            )
+        print(
+            f"{r['case']:28} slowest non-slow replica {r['seconds']:6.2f} s from launch = "
+            f"{r['seconds'] / one['seconds']:.2f}x one alone (pull phase "
+            f"{r['pull_phase_s'] / one['pull_phase_s']:.2f}x); seed uplink "
+            f"{r['seed_uplink_models']:.2f}x the model; fetched again {r['fetched_again']} B"
+            f"{slow_note}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 def _row(r: dict) -> str:

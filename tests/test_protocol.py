@@ -39,6 +39,7 @@ from netloader.protocol import (
     decode,
     encode,
 )
+from netloader.protocol.fanout import Moved, Progress
 from netloader.transport.cuda_ipc_wire import IpcOffer, IpcReply, IpcStorage
 
 hexes = lambda n: st.binary(min_size=n, max_size=n).map(bytes.hex)  # noqa: E731
@@ -191,6 +192,8 @@ by_kind = {
         st.just("") | artifact_keys,
         st.none() | hexes(32),
     ),
+    "progress": st.builds(Progress, st.integers(0, 1 << 62)),
+    "moved": st.builds(Moved, st.booleans(), st.lists(addresses, max_size=4)),
 }
 messages = st.one_of(*by_kind.values())
 
@@ -644,6 +647,8 @@ FIELDS = {
         "key": lambda v, o: v == "" or is_artifact_key(v, o),  # empty: nothing offered
         "mac": MAC,
     },
+    "progress": {"held": is_int(0, 1 << 62)},
+    "moved": {"here": is_bool, "peers": is_addresses},
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS

@@ -279,4 +279,5 @@ def test_a_relay_killed_mid_transfer_costs_its_downstream_only_the_chunks_in_fli
     assert_same(tensors, result.tensors)
     assert set(result.sources) == {r1.address, seed.address}, result.sources
     assert result.sources[r1.address] >= 20_000_000
-    assert result.refetched <= 2 * 2 * (4 << 20)  # at most 2 streams x 2 chunks in flight
+    # At most 2 streams x 2 chunks in flight, besides copies of chunks late at the slower one.
+    assert result.refetched - result.copied <= 2 * 2 * (4 << 20)

@@ -55,7 +55,8 @@ def test_every_case_bit_exact_from_three_sources_each_carrying_a_share(three, tr
     assert list(result.sources) == [s.address for s in three]
     assert all(result.sources.values()), result.sources  # every source delivered chunks
     assert sum(result.sources.values()) == result.total_bytes
-    assert result.refetched == 0
+    # Nothing failed: at most endgame copies of chunks in flight (3 sources x 2 streams x 2).
+    assert result.refetched <= 3 * 2 * WINDOW * CHUNK
 
 
 def test_fresh_tensors_from_three_sources(three):
@@ -112,7 +113,8 @@ def test_a_source_killed_mid_transfer_costs_only_its_chunks_in_flight(after):
         assert not doomed.process.is_alive()
     assert_same(all_cases(), result.tensors)
     assert 0 < result.sources[proxy.address] < result.total_bytes
-    assert result.refetched <= 2 * WINDOW * CHUNK
+    # Besides copies of chunks late at the slower source (``copied``).
+    assert result.refetched - result.copied <= 2 * WINDOW * CHUNK
     assert sum(result.sources.values()) == result.total_bytes
 
 

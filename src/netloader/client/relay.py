@@ -11,20 +11,25 @@ failed, the entry is withdrawn.
 from __future__ import annotations
 
 import logging
+import select
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from netloader.board import Board
 from netloader.client.control import Control, Endpoint
 from netloader.client.destination import Destination
-from netloader.errors import PullError
+from netloader.errors import ProtocolError, PullError
 from netloader.protocol import Accept
+from netloader.protocol.fanout import Moved, Progress
 from netloader.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from netloader.server import Served, Server
 
 log = logging.getLogger("netloader.client")
+
+REPORT_EVERY = 0.5  # seconds between a relay's progress reports to the source that placed it
 
 
 class Relaying:
@@ -81,9 +86,29 @@ def follow(
     report: Callable[[list[Endpoint]], None],
 ) -> None:
     """The source at ``endpoint`` sent this client to ``accept.peers``: ``report`` them to the
-    scheduler (which waits for that to start them), stay connected until the pull ends, then
-    say how it went."""
+    scheduler (which waits for that to start them), stay connected until the pull ends, telling
+    the source how much this client holds every ``REPORT_EVERY`` s and reporting the peers it
+    moves this client to, then say how it went."""
     log.info("%s sends this client to %s", endpoint.text, ", ".join(accept.peers))
     report([Endpoint.parse(p) for p in accept.peers])
+    listening = True  # until the source is gone: the peers it named may still deliver
+    while listening and not board.wait_finished(REPORT_EVERY):
+        try:
+            for moved in _moves(control):
+                log.info("%s moves this client to %s too", endpoint.text, moved)
+                report([Endpoint.parse(p) for p in moved.peers] + [endpoint] * moved.here)
+            control.channel.send(Progress(board.held()), time.monotonic() + REPORT_EVERY)
+        except (OSError, ProtocolError) as exc:
+            log.info("%s no longer hears this client's progress: %s", endpoint.text, exc)
+            listening = False
     board.wait_finished()
     control.done(None if board.complete else PullError("the pull failed"))
+
+
+def _moves(control: Control) -> list[Moved]:
+    """The moves the source sent so far (without waiting for one)."""
+    sock = control.channel.sock
+    moves = []
+    while select.select([sock], [], [], 0)[0]:
+        moves.append(control.channel.recv(Moved, deadline=time.monotonic() + REPORT_EVERY))
+    return moves

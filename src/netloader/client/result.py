@@ -19,8 +19,11 @@ class PullResult:
     streams: int
     #: Verified bytes each source that took part delivered, in the order of the list.
     sources: dict[str, int] = field(default_factory=dict)
-    #: Bytes asked again of another source after the source fetching them failed.
+    #: Bytes asked again of another source: after the source fetching them failed, or as
+    #: copies of chunks late at a slow or stalled source (``copied``, included here).
     refetched: int = 0
+    #: Of ``refetched``, the bytes of late chunks' copies (the first verified copy wins).
+    copied: int = 0
 
     @property
     def gbps(self) -> float:

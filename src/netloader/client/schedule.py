@@ -28,6 +28,7 @@ from netloader.client.relay import Relaying
 from netloader.client.result import PullResult
 from netloader.client.source import SourceRun
 from netloader.client.transfer import Job, Report, Transfer
+from netloader.digest import WSUM
 from netloader.errors import AllSourcesFailed, PullError
 from netloader.protocol import Accept
 
@@ -113,7 +114,9 @@ def _transfer(job: Job, relaying: Relaying, control: Control, accept: Accept) ->
         control.close()
         relaying.withdraw(exc)
         raise
-    board = Board(dest.plan.num_chunks, dest.plan.chunk_bytes)
+    # Endgame copies are checked where they land aside: not with digests taken on the device.
+    endgame = not (job.options.verify and accept.digest == WSUM)
+    board = Board(dest.plan.num_chunks, dest.plan.chunk_bytes, endgame=endgame)
     if job.hooks.progress is not None:
         progress = job.hooks.progress
         board.on_done.append(lambda i: progress(dest.plan.chunk_bytes(i)))
@@ -196,7 +199,10 @@ class Scheduler:
         self.busy.discard(run)
         if report.peers is not None:  # a membership: its source sent this client to peers
             self.members.add(run)
-            self.sources.put_first(report.peers, {r.endpoint.text for r in self.runs})
+            # A source that placed this client may name itself later (a move): only sources
+            # that deliver or may deliver count as known.
+            known = {r.endpoint.text for r in self.runs if not r.is_member}
+            self.sources.put_first(report.peers, known)
             return
         self.members.discard(run)
         # Once the board is complete nothing is missing (a late source cut in its handshake);
@@ -242,4 +248,5 @@ class Scheduler:
             streams=main.streams,
             sources=delivered,
             refetched=self.board.refetched,
+            copied=self.board.copied,
         )

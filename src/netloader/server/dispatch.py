@@ -188,6 +188,8 @@ class Dispatcher:
         relay = request.advertise if request.placement else None
         placement = relays.join(relay, request.avoid) if relay else Placement(here=True)
         session = Session(self.context, conv, offered)
+        if relay and placement.here:  # served here: this server sees its progress itself
+            relays.watch(relay, meter=lambda: session.out.sent)
         try:
             done = self._place(conv, request, session, placement)
             if relay and done is not None and done.ok:

@@ -9,17 +9,34 @@ and each relay forwards every chunk as soon as it has verified it. When every me
 feeds one, the oldest that feeds fewer than ``FANOUT`` takes it (a tree). Members only ever
 pull from nodes that joined before them, so no cycle can form; a member that goes away is
 forgotten, and whoever pulled from it comes back and is placed again.
+
+Members report how much they hold (``progress``), so each has a smoothed receiving rate. A
+member is *slow* when it receives at under ``SLOW`` times the pace of what feeds it (its
+fastest upstream; for the seed, the median of the other members pulling) and does not merely
+wait for an upstream still pulling (it is more than ``LAG`` s of that one's rate behind it):
+slow relative to the others, never by a fixed rate; a member that keeps pace with a slow
+upstream, or catches up with one that just sped up, is not slow itself. Nobody is placed behind a slow member, or
+behind one fed only by slow members; and a member whose every upstream is slow is *moved*: it is
+given one more upstream (``Placement``, told through its ``notify``), chosen by the same rule
+among the nodes that joined before it, while it keeps the old ones (its work-stealing board
+gives them what they can carry). The policy holds no sockets and reads no clock of its own
+(``clock``), so the fleet simulator (``benchmarks/fleet_sim.py``) runs this very class.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import statistics
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from netloader import events
+
+log = logging.getLogger("netloader.server")
 
 #: Relays one node feeds at most while another node has room: 2 keeps every uplink at about
 #: twice the model, at most.
@@ -27,15 +44,17 @@ FANOUT = 2
 #: Members this server tracks; beyond it, clients are served directly, not placed.
 MAX_MEMBERS = 256
 SELF = ""  # a member's upstream when it pulls from this server itself
-
-
-@dataclass
-class Member:
-    address: str
-    seq: int
-    upstream: str = SELF
-    holds: bool = False
-    connections: int = 0
+#: A member receiving at under this fraction of the pace of what feeds it is slow.
+SLOW = 0.5
+#: A member's rate is its progress over the last ``RATE_WINDOW`` s of reports, and counts once
+#: they span ``MIN_SPAN`` s while it receives (report times jitter on a loaded host).
+RATE_WINDOW = 3.0
+MIN_SPAN = 1.0
+#: A member within this many seconds (at its upstream's rate) of an upstream's progress is
+#: waiting for it, not slow.
+LAG = 2.0
+#: Times one member is moved at most (each move adds an upstream).
+MAX_MOVES = 3
 
 
 @dataclass(frozen=True)
@@ -46,11 +65,58 @@ class Placement:
     peers: tuple[str, ...] = ()
 
 
+@dataclass
+class Member:
+    address: str
+    seq: int
+    upstreams: list[str] = field(default_factory=lambda: [SELF])
+    holds: bool = False
+    connections: int = 0
+    #: Bytes it held at its last report; its reports (time, bytes) while receiving.
+    held: int = 0
+    reports: deque[tuple[float, int]] = field(default_factory=deque)
+    moves: int = 0
+    #: Tells the member where else to pull from (a member placed behind peers); None: cannot.
+    notify: Callable[[Placement], None] | None = None
+    #: Bytes sent to it so far, read by this server itself (a member it serves directly).
+    meter: Callable[[], int] | None = None
+
+    @property
+    def upstream(self) -> str:
+        """The upstream it was placed behind first."""
+        return self.upstreams[0]
+
+    def sample(self, held: int, now: float) -> None:
+        """It holds ``held`` bytes at ``now``."""
+        self.held = held
+        if held == 0:
+            return  # not receiving yet: start-up is not slowness
+        self.reports.append((now, held))
+        while len(self.reports) > 2 and self.reports[1][0] <= now - RATE_WINDOW:
+            self.reports.popleft()
+
+    def forget_rate(self) -> None:
+        self.reports.clear()
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second over its recent reports, once they span MIN_SPAN s."""
+        if len(self.reports) < 2:
+            return None
+        (t0, h0), (t1, h1) = self.reports[0], self.reports[-1]
+        return (h1 - h0) / (t1 - t0) if t1 - t0 >= MIN_SPAN else None
+
+    @property
+    def measured(self) -> bool:
+        return not self.holds and self.rate is not None
+
+
 class Relays:
     """The members of one served model, and the placement of each new one."""
 
-    def __init__(self, model: str = "") -> None:
+    def __init__(self, model: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
+        self.clock = clock
         self._members: dict[str, Member] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
@@ -67,10 +133,37 @@ class Relays:
                 events.emit(events.RelayJoined(self.model, address))
             member.connections += 1
             self._changed.notify_all()
-            member.upstream = self._choose(member, set(avoid))
-            if member.upstream == SELF:
-                return Placement(here=True)
-            return Placement(here=False, peers=(member.upstream,))
+            member.upstreams = [self._choose(member, set(avoid))]
+            return _placement(member.upstream)
+
+    def watch(
+        self,
+        address: str,
+        *,
+        notify: Callable[[Placement], None] | None = None,
+        meter: Callable[[], int] | None = None,
+    ) -> None:
+        """How to tell the member at ``address`` to move, or how to read its progress here."""
+        with self._lock:
+            member = self._members.get(address)
+            if member is not None:
+                member.notify, member.meter = notify, meter
+
+    def progress(self, address: str, held: int) -> list[tuple[str, Placement]]:
+        """The member at ``address`` holds ``held`` bytes. Moves every member whose upstreams
+        are all slow now (telling each through its ``notify``); returns the moves made."""
+        with self._lock:
+            now = self.clock()
+            for m in self._members.values():
+                if m.meter is not None and m.address != address:
+                    m.sample(m.meter(), now)
+            if address in self._members:
+                self._members[address].sample(held, now)
+            moves = self._moves()
+        for member, placement in moves:
+            if member.notify is not None:
+                member.notify(placement)
+        return [(m.address, p) for m, p in moves]
 
     def holds(self, address: str) -> None:
         """The member at ``address`` now holds every verified chunk."""
@@ -94,6 +187,11 @@ class Relays:
         with self._lock:
             return self._sorted()
 
+    def slow(self) -> list[str]:
+        """The members slow right now, in the order they joined."""
+        with self._lock:
+            return [m.address for m in self._sorted() if self._is_slow(m)]
+
     def wait_for(self, settled: Callable[[list[Member]], bool], timeout: float) -> list[Member]:
         """The members once ``settled(members)`` holds, or as they are after ``timeout`` s.
         A client's pull ends when it has sent its verdict; the server marks it as holding
@@ -105,23 +203,86 @@ class Relays:
     def _sorted(self) -> list[Member]:
         return sorted(self._members.values(), key=lambda m: m.seq)
 
-    def _choose(self, member: Member, avoid: set[str]) -> str:
+    # --- the policy (under the lock) ------------------------------------------------------
+
+    def _pace(self, node: str, besides: Member) -> float | None:
+        """How fast ``node`` can feed: a member, the rate it received at (while it pulled);
+        this server, the median rate of the members pulling, other than ``besides``."""
+        member = self._members.get(node)
+        if member is not None:
+            return member.rate
+        rates = [m.rate for m in self._members.values() if m is not besides and m.measured]
+        return statistics.median(rates) if rates else None  # type: ignore[type-var]
+
+    def _is_slow(self, member: Member) -> bool:
+        """Receiving at under SLOW times the pace of what feeds it, and not merely waiting for
+        an upstream member it keeps up with (within LAG s of that one's progress, as when
+        the upstream has just sped up)."""
+        if not member.measured:
+            return False
+        paces = [p for u in member.upstreams if (p := self._pace(u, member)) is not None]
+        if not paces or member.rate >= SLOW * max(paces):  # type: ignore[operator]
+            return False
+        ahead = [self._members[u] for u in member.upstreams if u in self._members]
+        return not any(
+            u.rate is not None and u.held - member.held < LAG * u.rate for u in ahead if not u.holds
+        )
+
+    def _starved(self, member: Member) -> bool:
+        """Every upstream of ``member`` is a slow member."""
+        return all(u in self._members and self._is_slow(self._members[u]) for u in member.upstreams)
+
+    def _moves(self) -> list[tuple[Member, Placement]]:
+        """One more upstream for each member (that can be told) whose upstreams are all slow."""
+        moves = []
+        for member in self._sorted():
+            if member.holds or member.notify is None or member.moves >= MAX_MOVES:
+                continue
+            if not self._starved(member):
+                continue
+            choice = self._choose(member, set(member.upstreams), newest=True)
+            if choice in member.upstreams:
+                continue
+            member.upstreams.append(choice)
+            member.moves += 1
+            # It, and whoever it feeds, are judged afresh: their pace is about to change.
+            for m in self._members.values():
+                if m is member or member.address in m.upstreams:
+                    m.forget_rate()
+            log.info("moving %s to pull from %s too", member.address, choice or "here")
+            moves.append((member, _placement(choice)))
+        return moves
+
+    def _choose(self, member: Member, avoid: set[str], newest: bool = False) -> str:
         """The upstream for ``member``: the newest earlier node feeding nobody, else the oldest
-        feeding fewer than FANOUT, else this server. Only members still pulling count as
-        load: a node's uplink is free again once its downstream holds the model."""
+        (``newest``: the newest, for a move: the nearest, whose uplink a slow member left
+        mostly free) feeding fewer than FANOUT, else this server; never a slow member or one
+        fed only by slow ones. Only members still pulling count as load: a node's uplink is
+        free again once its downstream holds the model."""
         ahead = [
             m.address
-            for m in sorted(self._members.values(), key=lambda m: m.seq)
-            if m.seq < member.seq and m.address not in avoid
+            for m in self._sorted()
+            if m.seq < member.seq
+            and m.address not in avoid
+            and not self._is_slow(m)
+            and not self._starved(m)
         ]
         nodes = [SELF, *ahead]
         load = Counter(
-            m.upstream
+            u
             for m in self._members.values()
-            if m is not member and not m.holds and m.upstream in nodes
+            if m is not member and not m.holds
+            for u in m.upstreams
+            if u in nodes
         )
         idle = [n for n in nodes if load[n] == 0]
         if idle:
             return idle[-1]
         roomy = [n for n in nodes if load[n] < FANOUT]
-        return roomy[0] if roomy else SELF
+        if not roomy:
+            return SELF
+        return roomy[-1] if newest else roomy[0]
+
+
+def _placement(upstream: str) -> Placement:
+    return Placement(here=True) if upstream == SELF else Placement(here=False, peers=(upstream,))

@@ -21,6 +21,7 @@ from netloader.events import Count
 from netloader.options import Timeouts
 from netloader.pacing import Pacer
 from netloader.protocol import SESSION_BYTES, Accept, Channel, Done, Hello, PullRequest, Refuse
+from netloader.protocol.fanout import Moved, Progress
 from netloader.server.catalog import ServedModel
 from netloader.server.handshake import Gate
 from netloader.server.relays import Placement
@@ -97,7 +98,7 @@ class Session:
         client's verdict, or None if the transfer broke."""
         if not placement.here:
             self.conv.channel.send(self._accept(request, placement), self.conv.deadline)
-            return self._verdict_of_a_relay()
+            return self._verdict_of_a_relay(request.advertise or "")
         self.out.streams = min(
             request.streams,
             self.context.max_streams,
@@ -179,15 +180,31 @@ class Session:
             )
         )
 
-    def _verdict_of_a_relay(self) -> Done | None:
+    def _verdict_of_a_relay(self, address: str) -> Done | None:
         """A relay sent to other peers pulls for as long as it takes: its verdict is awaited
-        without a time limit, with TCP keepalive to notice a host that vanished."""
+        without a time limit, with TCP keepalive to notice a host that vanished. Meanwhile it
+        reports its progress, and may be told to take chunks from more peers."""
         sock = self.conv.channel.sock
         keepalive(sock, self.context.timeouts.idle)
+        channel = Channel(sock, None)
+        sending = threading.Lock()  # moves are told from the threads that read other reports
+
+        def notify(placement: Placement) -> None:
+            with sending:
+                channel.send_if_open(Moved(placement.here, list(placement.peers)))
+
+        relays = self.entry.relays
+        relays.watch(address, notify=notify)
         try:
-            return Channel(sock, None).recv(Done)
+            while True:
+                msg = channel.recv_any(Done, Progress)
+                if isinstance(msg, Done):
+                    return msg
+                relays.progress(address, msg.held)
         except (OSError, ProtocolError):
             return None
+        finally:
+            relays.watch(address)
 
     def _hear_why(self) -> None:
         """After a broken transfer the client may still say why (e.g. a digest mismatch)."""

@@ -44,14 +44,22 @@ class Asking(Protocol):
         and verified."""
 
 
+def lands_copies(stream: Asking) -> bool:
+    """Whether ``stream`` lands through the board's claims (``Board.claim``/``commit``), so
+    that it may be given endgame copies of chunks in flight elsewhere."""
+    return bool(getattr(stream, "copies", False))
+
+
 def request_chunks(stream: Asking, inc: Incoming, mark: Mark, window: int) -> None:
     """Keep up to ``window`` requests outstanding on ``stream`` until the board has no chunk
     left for this source. The caller ends the stream (``END``)."""
     asked: collections.deque[int] = collections.deque()
+    copies = lands_copies(stream)
     while True:
         fresh: list[int] = []
         while (
-            len(asked) + len(fresh) < window and (index := inc.board.take(inc.source)) is not None
+            len(asked) + len(fresh) < window
+            and (index := inc.board.take(inc.source, copies)) is not None
         ):
             fresh.append(index)
         if fresh:
@@ -60,12 +68,14 @@ def request_chunks(stream: Asking, inc: Incoming, mark: Mark, window: int) -> No
         if not asked:
             if inc.board.finished:
                 return
-            inc.board.wait_for_work(inc.idle / 3)  # chunks in flight elsewhere may come back
+            inc.board.wait_for_work(
+                inc.idle / 3, inc.source if copies else None
+            )  # chunks in flight elsewhere may come back
             stream.ping()
             mark()  # waiting for work is not a stall
             continue
         for index in stream.land(asked):
-            inc.board.done(index)
+            inc.board.done(index, inc.source)
         mark()
 
 

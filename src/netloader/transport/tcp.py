@@ -36,7 +36,7 @@ from netloader.protocol import (
     StreamAttach,
     encode,
 )
-from netloader.sockets import connect, kernel_timeouts
+from netloader.sockets import connect, kernel_timeouts, shutdown
 from netloader.transport.base import Engine, Incoming, Outgoing, Sending
 from netloader.transport.chunks import (
     CHUNK_HEADER,
@@ -136,7 +136,10 @@ def _ready(
 
 
 class SocketAsking:
-    """Requests as 8-byte headers on ``sock``; ``land`` takes the answers (``chunks.Asking``)."""
+    """Requests as 8-byte headers on ``sock``; ``land`` takes the answers (``chunks.Asking``).
+    Its answers land through the board's claims, so it may carry endgame copies."""
+
+    copies = True
 
     def __init__(self, sock: socket.socket, land: Callable[[collections.deque[int]], list[int]]):
         self.sock = sock
@@ -154,15 +157,30 @@ class SocketAsking:
 
 def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
     """Ask for chunks from the board, up to WINDOW at a time, until it has none left; each
-    lands straight in its tensors (device pieces through pinned slices) and is verified."""
+    lands straight in its tensors (device pieces through pinned slices) and is verified. Once
+    the board is complete, a stream still waiting for an answer (a chunk another source
+    delivered first) is cut: nobody needs it."""
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
+    waiting = threading.Event()  # set while waiting for the next answer
+    cut = threading.Event()
+
+    def on_complete() -> None:
+        if waiting.is_set():
+            cut.set()
+            shutdown(sock)
 
     def land(asked: collections.deque[int]) -> list[int]:
         header = bytearray(CHUNK_HEADER.size)
-        recv_buffers(sock, [memoryview(header)])
+        waiting.set()
+        try:
+            recv_buffers(sock, [memoryview(header)])
+        finally:
+            waiting.clear()
         index = take_answer(sock, inc, asked, CHUNK_HEADER.unpack(header)[0])
         inc.wrote = True
+        if not inc.board.claim(index, inc.source):
+            return _land_aside(sock, inc, staging, index)
         if staging.on_device(index):
             _receive_staged(sock, inc, staging.device, index)
         else:
@@ -171,9 +189,40 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
             inc.verify(index, views)
         return [index]
 
+    inc.board.when_complete(on_complete)
     stream = SocketAsking(sock, land)
-    request_chunks(stream, inc, mark, WINDOW)
+    try:
+        request_chunks(stream, inc, mark, WINDOW)
+    except OSError:
+        if cut.is_set():
+            return
+        raise
     stream.end()
+
+
+def _land_aside(sock: socket.socket, inc: Incoming, staging: Staging, index: int) -> list[int]:
+    """A chunk another source was asked for too: into a buffer of its own, checked there, and
+    put in place only if no other copy won (the board says which). Nothing left to mark."""
+    aside = memoryview(bytearray(inc.plan.chunk_bytes(index)))
+    recv_buffers(sock, [aside])
+    inc.verify(index, [aside])
+
+    offset = 0
+
+    def fill(view: memoryview) -> None:  # the next ``len(view)`` bytes of the copy
+        nonlocal offset
+        view[:] = aside[offset : offset + len(view)]
+        offset += len(view)
+
+    def put() -> None:
+        if staging.on_device(index):
+            staging.device.receive(index, fill)
+        else:
+            for view in staging.views(index):
+                fill(view)
+
+    inc.board.commit(index, inc.source, put)
+    return []
 
 
 def _receive_staged(sock: socket.socket, inc: Incoming, device: DeviceStaging, index: int) -> None:

@@ -1,0 +1,306 @@
+"""Fan-out when one peer is slow: the board's endgame copies, the placement policy's choices
+(slow relative to what feeds a member, moves, no cycles), and both over real, shaped links.
+
+The policy tests drive ``Relays`` with a clock of their own (it reads no other); the link
+tests run real ``netloader serve`` processes in network namespaces (skipped without them).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import assert_same
+from netbed_fixtures import require_netbed
+from safetensors.torch import save_file
+
+from netloader.board import PATIENCE, Board
+from netloader.server.relays import SELF, Placement, Relays
+from netloader.synthetic import llm_like
+from netloader_testing.netbed import NetBed
+
+# --- the board ----------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the tests move: chunks age without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CLOCK = Clock()
+
+
+def sized(n: int) -> Board:
+    return Board(n, lambda i: 100, clock=CLOCK)
+
+
+def test_no_copy_before_a_chunk_is_late():
+    board = sized(3)
+    assert [board.take("a", copies=True) for _ in range(3)] == [0, 1, 2]
+    assert board.take("b", copies=True) is None  # nothing landed: nothing is late yet
+    CLOCK.now += 1
+    board.done(0, "a")  # the usual time: 1 s
+    assert board.take("b", copies=True) is None  # 1 and 2 were asked only 1 s ago
+    assert board.refetched == 0
+
+
+def test_a_late_chunk_is_copied_and_the_first_verified_copy_wins():
+    board = sized(3)
+    assert board.take("slow", copies=True) == 0
+    assert board.take("fast", copies=True) == 1
+    CLOCK.now += 1
+    board.done(1, "fast")  # the usual time from asking to landing: 1 s
+    CLOCK.now += 3 * PATIENCE  # chunk 0 is now late
+    assert board.take("fast", copies=True) == 0  # a copy of the late chunk, before 2
+    assert board.take("fast", copies=True) == 2
+    assert board.refetched == board.copied == 100
+    # The late source's answer begins: it may not land in place (another copy is asked).
+    assert not board.claim(0, "slow")
+    assert board.claim(2, "fast")  # nobody else was asked for 2
+    board.done(2, "fast")
+    put = []
+    assert board.commit(0, "fast", lambda: put.append("fast"))
+    assert not board.commit(0, "slow", lambda: put.append("slow"))  # dropped: it lost
+    assert put == ["fast"] and board.complete
+    assert board.delivered == {"fast": 300}
+
+
+def test_a_chunk_landing_in_place_or_at_a_source_without_claims_is_never_copied():
+    board = sized(3)
+    assert board.take("a", copies=True) == 0
+    assert board.take("plain") == 1  # a stream that does not land through claims
+    assert board.take("a", copies=True) == 2
+    assert board.claim(2, "a")
+    CLOCK.now += 1
+    board.done(2, "a")  # the usual time: 1 s
+    assert board.claim(0, "a")  # landing in place from now on
+    CLOCK.now += 3 * PATIENCE  # 0 and 1 are late
+    assert board.take("b", copies=True) is None
+    assert board.take("plain") is None
+
+
+def test_a_failed_source_gives_back_only_the_chunks_nobody_else_has():
+    board = sized(3)
+    assert [board.take("slow", copies=True) for _ in range(2)] == [0, 1]
+    assert board.take("fast", copies=True) == 2
+    CLOCK.now += 1
+    board.done(2, "fast")
+    CLOCK.now += 3 * PATIENCE
+    assert board.take("fast", copies=True) == 0  # a copy of the late chunk
+    assert board.release("slow") == [1]  # 0 is still in flight at "fast"
+    assert board.take("fast", copies=True) == 1
+
+
+def test_a_waiting_stream_wakes_when_a_chunk_becomes_late():
+    board = sized(2)
+    board.take("slow", copies=True)
+    board.take("fast", copies=True)
+    CLOCK.now += 1
+    board.done(1, "fast")
+    assert board.take("fast", copies=True) is None  # chunk 0 is not late yet
+    CLOCK.now += 3 * PATIENCE
+    started = time.monotonic()
+    board.wait_for_work(30, "fast")  # returns at once: chunk 0 is late
+    assert time.monotonic() - started < 10
+    assert board.take("fast", copies=True) == 0
+
+
+# --- the placement policy -----------------------------------------------------------------
+
+
+def fleet(n: int) -> tuple[Relays, Clock, list[str], list[Placement]]:
+    clock = Clock()
+    relays = Relays("m", clock=clock)
+    names = [f"10.0.0.{i}:1" for i in range(1, n + 1)]
+    told: list[Placement] = []
+    for name in names:
+        relays.join(name, [])
+        relays.watch(name, notify=told.append)
+    return relays, clock, names, told
+
+
+def report(relays: Relays, clock: Clock, rates: dict[str, float], seconds: int) -> list:
+    """Every member reports once a second at its rate (bytes/s); the moves made."""
+    moves = []
+    held = {m.address: float(m.held) for m in relays.members()}
+    for _ in range(seconds):
+        clock.now += 1
+        for name, rate in rates.items():
+            held[name] += rate
+            moves += relays.progress(name, int(held[name]))
+    return moves
+
+
+def test_relays_started_together_form_a_chain_and_equal_rates_move_nobody():
+    relays, clock, names, told = fleet(4)
+    assert [m.upstreams for m in relays.members()] == [[SELF], *([n] for n in names[:-1])]
+    assert report(relays, clock, dict.fromkeys(names, 25e6), 5) == []
+    assert relays.slow() == [] and told == []
+
+
+def test_a_member_far_behind_what_feeds_it_is_slow_and_its_downstream_moves_ahead():
+    """seed -> a -> b (slow) -> c -> d: b receives at a tenth of a's rate; c and d keep pace
+    with b, so they are not slow themselves. c, fed only by slow b, is given a (the nearest
+    earlier node that is neither slow nor fed only by slow ones) and keeps b."""
+    relays, clock, (a, b, c, d), told = fleet(4)
+    rates = {a: 25e6, b: 2.5e6, c: 2.5e6, d: 2.5e6}
+    moves = report(relays, clock, rates, 3)  # b is 2 s of a's rate behind a at the third
+    assert relays.slow() == [b]
+    assert moves == [(c, Placement(here=False, peers=(a,)))]
+    assert told == [Placement(here=False, peers=(a,))]
+    assert relays.members()[2].upstreams == [b, a]
+    # c speeds up: d now keeps pace with a fast upstream; nobody else moves.
+    rates[c] = rates[d] = 25e6
+    assert report(relays, clock, rates, 4) == []
+
+
+def test_nobody_new_is_placed_behind_a_slow_member():
+    relays, clock, (a, b, c), _ = fleet(3)
+    report(relays, clock, {a: 25e6, b: 2.5e6, c: 2.5e6}, 3)  # c is moved at the third
+    late = "10.0.0.9:1"
+    placement = relays.join(late, [])
+    assert b not in placement.peers and c in placement.peers  # c is fed by a now too
+
+
+def test_a_member_fed_by_the_seed_is_judged_against_the_median_of_the_others():
+    relays, clock, (a, b, c), _ = fleet(3)
+    relays.join("10.0.0.7:1", [b])  # fed by the seed or a, not b
+    rates = {a: 25e6, b: 25e6, c: 25e6, "10.0.0.7:1": 25e6}
+    report(relays, clock, rates, 5)
+    assert relays.slow() == []
+
+
+def test_a_member_behind_a_slow_first_one_is_moved_to_the_seed():
+    """A member is moved only to nodes that joined before it (no cycle): behind the only
+    earlier member, which is slow, it is given the seed itself."""
+    relays, clock, (a, b), told = fleet(2)
+    # b is fed by a; a is slow against the others' median only if there are others: add two
+    # fast members fed by the seed to make a the slow one.
+    extra = ["10.0.0.8:1", "10.0.0.9:1"]
+    for e in extra:
+        relays.join(e, [a, b])
+    moves = report(relays, clock, {a: 1e6, b: 1e6, extra[0]: 25e6, extra[1]: 25e6}, 2)
+    assert relays.slow() == [a]
+    assert moves == [(b, Placement(here=True))]  # a is the only earlier member: the seed
+    assert len(told) == 1
+
+
+# --- over real links ----------------------------------------------------------------------
+
+SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
+PULLED = re.compile(r"pulled (\d+) bytes in [\d.]+ s \([\d.]+ GB/s\) from (.*) over ")
+AGAIN = re.compile(r"(\d+) bytes fetched again")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    require_netbed()
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    folder.mkdir()
+    tensors = llm_like(48 << 20, seed=5)
+    save_file(tensors, folder / "model.safetensors")
+    return folder, tensors
+
+
+def serve(host, *args, log=None) -> tuple[subprocess.Popen, str]:
+    proc = host.popen(
+        [sys.executable, "-m", "netloader", "serve", *args, "--host", host.address],
+        stdout=subprocess.PIPE,
+        stderr=log or subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, line.split()[-1]
+
+
+def test_a_client_finishes_from_the_fast_source_while_the_slow_one_holds_chunks(checkpoint):
+    """Two sources holding the model, one at a tenth of the other's rate, the slow one named
+    first: the fast one carries most chunks, and the chunks still waiting at the slow one at
+    the end are asked again from the fast one (``fetched again``), bit-exact."""
+    folder, tensors = checkpoint
+    hosts = {"fast": "200mbit", "slow": "20mbit", "client": "1gbit"}
+    with NetBed(hosts) as bed:
+        slow = serve(bed["slow"], folder, "--chunk-size", "1MiB")[1]
+        fast = serve(bed["fast"], folder, "--chunk-size", "1MiB")[1]
+        proc = bed["client"].run(
+            [sys.executable, "-m", "netloader", "pull", slow, fast, "--out", folder.parent / "o"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr
+    shares = sources(proc.stdout)
+    assert shares[fast] > 3 * shares.get(slow, 0), proc.stdout
+    again = AGAIN.search(proc.stdout)
+    assert again and int(again[1]) > 0, proc.stdout
+    from safetensors.torch import load_file
+
+    assert_same(tensors, load_file(folder.parent / "o" / "model.safetensors"))
+
+
+# ``netloader serve ARGS`` once a line arrives on stdin: imports done, it joins at once.
+ON_CUE = """
+import sys
+from netloader.cli import main
+print("ready", flush=True)
+sys.stdin.readline()
+sys.exit(main(["serve", *sys.argv[1:]]))
+"""
+
+
+def test_a_relay_behind_a_slow_one_is_moved_ahead_by_the_seed(checkpoint, tmp_path):
+    """seed -> a -> b (a tenth of the rate) -> c, joined in that order: the seed finds b slow
+    against a, and moves c to a as well; c takes most of its chunks from a."""
+    hosts = {"seed": "50mbit", "a": "50mbit", "b": "5mbit", "c": "50mbit"}
+    with NetBed(hosts) as bed, open(tmp_path / "seed.log", "w+") as seed_log:
+        # 1 MiB chunks: b's progress shows within seconds, long before a holds everything.
+        _, seed = serve(bed["seed"], checkpoint[0], "--chunk-size", "1MiB", log=seed_log)
+        procs = {}
+        for name in "abc":
+            args = ["--from", seed, "--host", bed[name].address]
+            procs[name] = bed[name].popen(
+                [sys.executable, "-c", ON_CUE, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=open(tmp_path / f"{name}.log", "w"),  # noqa: SIM115 - closed with the bed
+                text=True,
+            )
+        for proc in procs.values():
+            assert proc.stdout.readline() == "ready\n"
+        for name, proc in procs.items():  # in this order, each once the one before pulls
+            before = bed[name].rx_bytes()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            address = proc.stdout.readline().split()[-1]  # "listening on ADDRESS"
+            procs[name] = (proc, address)
+            _until(lambda n=name, b=before: bed[n].rx_bytes() - b > 256 << 10)
+        line = procs["c"][0].stdout.readline()
+        seed_log.seek(0)
+        log = seed_log.read()
+    address = {n: a for n, (_, a) in procs.items()}
+    assert f"moving {address['c']} to pull from {address['a']} too" in log, log
+    shares = sources(line)
+    assert shares.get(address["a"], 0) > shares.get(address["b"], 0), line
+
+
+def sources(line: str) -> dict[str, int]:
+    """The bytes each source delivered, from a ``pulled`` line."""
+    match = PULLED.search(line)
+    assert match, line
+    shares = {k: int(v) for k, v in SHARE.findall(match[2])}
+    return shares or {match[2]: int(match[1])}
+
+
+def _until(condition) -> None:
+    """Poll ``condition`` (a link's counter) until it holds; pytest-timeout bounds it."""
+    while not condition():
+        time.sleep(0.005)
