@@ -46,8 +46,11 @@ ROWS = (
 def ready(model: Path, work: Path, name: str, extra: dict, cache: Path, hold: bool = False):
     run = Run(["hello world"], extra=extra, compile=True, hold=hold)
     inst = OfflineInstance(model, work / f"{name}.log", run, cache_root=cache)
-    seconds = inst.ready_seconds()
-    return inst, seconds
+    try:
+        return inst, inst.ready_seconds()
+    except BaseException:
+        inst.stop()  # an instance that failed must not outlive the benchmark
+        raise
 
 
 def one_repeat(model: Path, work: Path, repeat: int) -> dict[str, float]:
