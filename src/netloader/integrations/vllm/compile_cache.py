@@ -143,8 +143,10 @@ class CompileArtifacts:
                     *(rank, label, fetched.describe()),
                 )
             else:
+                sep = " " if fetched.files else ": "  # "artifacts from peer A: ..." / ": none"
                 log.info(
-                    "netloader: rank %d %scompile artifacts %s", rank, label, fetched.describe()
+                    "netloader: rank %d %scompile artifacts%s%s",
+                    *(rank, label, sep, fetched.describe()),
                 )
 
     def offer(self, server: Server | None) -> None:
