@@ -1,13 +1,20 @@
-"""Skip, or fail, a test that needs a NetBed where none can be built."""
+"""Skip, or fail, a test that needs a NetBed where none can be built; what bed tests share."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 
+from netloader.synthetic import llm_like
 from netloader_testing.netbed import available
+
+#: One source's share in a `pulled ...` line: ``host:port (n bytes)``.
+SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 
 
 def require_netbed() -> None:
@@ -30,3 +37,14 @@ def require_tool(tool: str, package: str) -> None:
     if os.environ.get("NETLOADER_REQUIRE_NETNS") == "1":
         pytest.fail(f"NETLOADER_REQUIRE_NETNS=1 but {why}")
     pytest.skip(why)
+
+
+def bed_checkpoint(tmp_path_factory, nbytes: int, seed: int) -> tuple[Path, dict]:
+    """A model folder of ``nbytes`` of LLM-like tensors for seeds on a bed (which it requires),
+    and its tensors."""
+    require_netbed()
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    folder.mkdir()
+    tensors = llm_like(nbytes, seed=seed)
+    save_file(tensors, folder / "model.safetensors")
+    return folder, tensors

@@ -14,12 +14,10 @@ import time
 
 import pytest
 from helpers import assert_same
-from netbed_fixtures import require_netbed
-from safetensors.torch import save_file
+from netbed_fixtures import SHARE, bed_checkpoint
 
 from netloader.board import PATIENCE, Board
 from netloader.server.relays import SELF, Placement, Relays
-from netloader.synthetic import llm_like
 from netloader_testing.netbed import NetBed
 
 # --- the board ----------------------------------------------------------------------------
@@ -195,19 +193,13 @@ def test_a_member_behind_a_slow_first_one_is_moved_to_the_seed():
 
 # --- over real links ----------------------------------------------------------------------
 
-SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 PULLED = re.compile(r"pulled (\d+) bytes in [\d.]+ s \([\d.]+ GB/s\) from (.*) over ")
 AGAIN = re.compile(r"(\d+) bytes fetched again")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    require_netbed()
-    folder = tmp_path_factory.mktemp("ckpt") / "model"
-    folder.mkdir()
-    tensors = llm_like(48 << 20, seed=5)
-    save_file(tensors, folder / "model.safetensors")
-    return folder, tensors
+    return bed_checkpoint(tmp_path_factory, 48 << 20, seed=5)
 
 
 def serve(host, *args, log=None) -> tuple[subprocess.Popen, str]:

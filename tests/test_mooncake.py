@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 from helpers import all_cases, assert_same, big_cases, in_process_server, wait_for
-from netbed_fixtures import require_netbed
-from safetensors.torch import load_file, save_file
+from netbed_fixtures import SHARE, bed_checkpoint
+from safetensors.torch import load_file
 
 from netloader import Identity, IntegrityError, Refused, Server, events, pull
 from netloader.mooncake_options import MooncakeOptions
 from netloader.options import ServeOptions
-from netloader.synthetic import llm_like
 from netloader.transport import engine
 from netloader.transport.mooncake import WINDOW
 from netloader_testing.netbed import NetBed
@@ -171,17 +170,12 @@ def _flipping_proxy(address: str, position: int):
 
 # --- between namespace hosts ---------------------------------------------------------------
 
-SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 AGAIN = re.compile(r", (\d+) bytes fetched again")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    require_netbed()
-    folder = tmp_path_factory.mktemp("ckpt") / "model"
-    folder.mkdir()
-    tensors = llm_like(48 << 20, seed=5)
-    save_file(tensors, folder / "model.safetensors")
+    folder, tensors = bed_checkpoint(tmp_path_factory, 48 << 20, seed=5)
     token = folder.parent / "token"
     token.write_bytes(TOKEN)
     return folder, tensors, token

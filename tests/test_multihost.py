@@ -13,23 +13,15 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_same
-from netbed_fixtures import require_netbed
-from safetensors.torch import load_file, save_file
+from netbed_fixtures import SHARE, bed_checkpoint
+from safetensors.torch import load_file
 
-from netloader.synthetic import llm_like
 from netloader_testing.netbed import NetBed
-
-SHARE = re.compile(r"(\S+:\d+) \((\d+) bytes\)")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    require_netbed()
-    folder = tmp_path_factory.mktemp("ckpt") / "model"
-    folder.mkdir()
-    tensors = llm_like(64 << 20, seed=3)
-    save_file(tensors, folder / "model.safetensors")
-    return folder, tensors
+    return bed_checkpoint(tmp_path_factory, 64 << 20, seed=3)
 
 
 def serve(host, checkpoint: Path, *extra: str, log=None) -> tuple[subprocess.Popen, str]:
