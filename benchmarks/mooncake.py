@@ -3,7 +3,8 @@
     sudo .venv/bin/python benchmarks/mooncake.py [--bed-size 256MiB] [--loop-size 1GiB]
         [--repeats 3] [--rate 400mbit]
 
-Two cases, each a seed (``netloader serve``, with a token so that it offers mooncake) and
+Two cases, each a seed (``netloader serve`` with a token and ``--mooncake on``, so that it
+offers mooncake) and
 ``netloader pull`` processes that alternate ``--transport mooncake`` and ``--transport tcp``:
 - "bed": seed and client on two network-namespace hosts with ``--rate`` links (the link is
   the limit; the goal is mooncake >= 0.95x TCP);
@@ -49,7 +50,10 @@ def cpu_seconds(pid: int) -> float:
 
 def serve(popen: Popen, folder: Path, host: str, token: Path) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "netloader", "serve", folder, "--host", host]
-    proc = popen([*argv, "--token-file", token], stdout=subprocess.PIPE, text=True)
+    # --mooncake on: over its tcp protocol (no RDMA here) the default, auto, would not offer it
+    proc = popen(
+        [*argv, "--token-file", token, "--mooncake", "on"], stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         raise SystemExit(f"the seed did not start: {line!r}")

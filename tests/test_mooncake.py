@@ -43,7 +43,8 @@ def test_a_token_server_offers_mooncake_and_the_pull_is_bit_exact():
         lambda e: ended.append(e) if isinstance(e, events.TransferDone) else None
     )
     try:
-        with in_process_server(all_cases(), token=TOKEN, chunk_size=64 << 10) as server:
+        options = ServeOptions(token=TOKEN, chunk_size=64 << 10, mooncake=ON.mooncake)
+        with Server(all_cases(), IDENT, options=options).start() as server:
             result = pull(server.address, IDENT, token=TOKEN)
             wait_for(lambda: ended, 10, "the server's end of the transfer")
     finally:
@@ -53,6 +54,17 @@ def test_a_token_server_offers_mooncake_and_the_pull_is_bit_exact():
     assert [(e.transport, e.ok, e.nbytes) for e in ended] == [
         ("mooncake", True, result.total_bytes)
     ]
+
+
+def test_auto_offers_mooncake_only_with_a_token_over_rdma():
+    """Over Mooncake's tcp protocol netloader's own TCP is faster: auto leaves mooncake off
+    there, even with a token; on offers it."""
+    with in_process_server(all_cases(), token=TOKEN) as server:  # auto, tcp protocol
+        assert pull(server.address, IDENT, token=TOKEN).transport == "tcp"
+    mooncake, rdma = engine("mooncake"), MooncakeOptions(protocol="rdma")
+    assert mooncake.enabled(ServeOptions(token=TOKEN, mooncake=rdma))
+    assert not mooncake.enabled(ServeOptions(mooncake=rdma))  # no token
+    assert not mooncake.enabled(ServeOptions(token=TOKEN))  # the tcp protocol
 
 
 def test_a_client_without_the_token_never_gets_an_offer():
@@ -184,7 +196,7 @@ def checkpoint(tmp_path_factory):
 def _serve(host, folder: Path, token: Path, log, *extra: str) -> tuple[subprocess.Popen, str]:
     argv = [sys.executable, "-m", "netloader", "serve", folder, "--host", host.address]
     proc = host.popen(
-        [*argv, "--token-file", token, *extra],
+        [*argv, "--token-file", token, "--mooncake", "on", *extra],  # extra may turn it off
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
