@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from netloader import Identity, Server
+from netloader.protocol import PROTOCOL_VERSION, Attached, Hello, encode
 
 DTYPES = [
     torch.bfloat16,
@@ -34,6 +35,11 @@ DTYPES = [
     torch.int64,
     torch.bool,
 ]
+
+#: What a data connection carries before its first chunk: the server's greeting, then its
+#: confirmation that it holds the session (the client asks: the Accept names the server's own
+#: address). Tests that tamper with byte N of a data stream count from here.
+STREAM_PREAMBLE = len(encode(Hello(PROTOCOL_VERSION, "00" * 16, False))) + len(encode(Attached()))
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,7 @@ tests/test_device_cpu.py covers what runs without a GPU.
 import pytest
 import torch
 from helpers import (
+    STREAM_PREAMBLE,
     Proxy,
     ServerProcess,
     all_cases,
@@ -21,7 +22,6 @@ from helpers import (
 from netloader import Identity, IntegrityError, Refused, pull
 from netloader.digest import WSUM, fingerprints
 from netloader.plan import Plan
-from netloader.protocol import PROTOCOL_VERSION, Hello, encode
 from netloader.snapshot import Snapshot
 from netloader.transport.chunks import CHUNK_HEADER
 
@@ -34,7 +34,6 @@ pytestmark = [
 
 IDENT = Identity("test-model")
 CHUNK = 64 << 10
-HELLO = len(encode(Hello(PROTOCOL_VERSION, "00" * 16, False)))
 TRANSPORTS = ["tcp", "cuda_ipc"]
 
 
@@ -152,7 +151,7 @@ def flipped_byte_anywhere(data) -> None:
 @pytest.mark.parametrize("source", ["device_server", "host_server"])
 def test_a_flipped_byte_into_device_tensors_is_caught(source, request):
     server = request.getfixturevalue(source)
-    position = HELLO + 3 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 4321
+    position = STREAM_PREAMBLE + 3 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 4321
     proxy = Proxy(server.address, flip_in_data(position, mask=0x04), per_connection=True)
     try:
         with pytest.raises(IntegrityError, match=r"chunk 3 \(bytes"):

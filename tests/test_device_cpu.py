@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from helpers import Proxy, all_cases, assert_same, flip_in_data, in_process_server, zeros_like_all
+from helpers import (
+    STREAM_PREAMBLE,
+    Proxy,
+    all_cases,
+    assert_same,
+    flip_in_data,
+    in_process_server,
+    zeros_like_all,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +35,7 @@ from netloader.digest import WSUM, XXH3, fingerprints
 from netloader.errors import ProtocolError
 from netloader.options import ServeOptions
 from netloader.plan import Plan
-from netloader.protocol import PROTOCOL_VERSION, Accept, Hello, PullRequest, encode
+from netloader.protocol import Accept, PullRequest
 from netloader.server.handshake import Gate
 from netloader.snapshot import Snapshot
 from netloader.sockets import is_local
@@ -48,7 +56,6 @@ from netloader.transport.staging import DeviceStaging, Staging
 ROOT = Path(__file__).parent.parent
 IDENT = Identity("test-model")
 CHUNK = 64 << 10
-HELLO = len(encode(Hello(PROTOCOL_VERSION, "00" * 16, False)))
 
 # --- the wsum64 fingerprint, by its definition ---------------------------------------------
 
@@ -299,7 +306,7 @@ def test_device_staging_catches_a_flipped_byte(staged, kind):
     snapshot = wsum_snapshot(tensors) if kind == WSUM else Snapshot(tensors, chunk_size=CHUNK)
     with in_process_server(snapshot) as server:
         # The data stream: the greeting, then chunk 0 (8-byte header, 64 KiB), chunk 1, ...
-        position = HELLO + 2 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 777
+        position = STREAM_PREAMBLE + 2 * (CHUNK_HEADER.size + CHUNK) + CHUNK_HEADER.size + 777
         proxy = Proxy(server.address, flip_in_data(position, mask=0x10), per_connection=True)
         try:
             with pytest.raises(IntegrityError, match=r"chunk 2 \(bytes"):

@@ -5,10 +5,17 @@ import threading
 
 import pytest
 import torch
-from helpers import Proxy, ServerProcess, all_cases, assert_same, in_process_server, wait_for
+from helpers import (
+    STREAM_PREAMBLE,
+    Proxy,
+    ServerProcess,
+    all_cases,
+    assert_same,
+    in_process_server,
+    wait_for,
+)
 
 from netloader import Identity, IntegrityError, PullError, Refused, pull
-from netloader.protocol import PROTOCOL_VERSION, Hello, encode
 from netloader.transport.chunks import CHUNK_HEADER
 
 IDENT = Identity("test-model")
@@ -33,16 +40,16 @@ def flip_at(target_conn: int, position: int, flipped: threading.Event | None = N
     return tamper
 
 
-# A data connection carries the server's greeting, then per chunk its 8-byte index and bytes;
-# with one stream the chunks go out in order.
-HELLO = len(encode(Hello(PROTOCOL_VERSION, "00" * 16, False)))
+# A data connection carries the server's greeting and its confirmation that it holds the
+# session (the client asks, since the Accept names the server's own address), then per chunk
+# its 8-byte index and bytes; with one stream the chunks go out in order.
 CHUNK = 64 << 10
 ON_WIRE = CHUNK_HEADER.size + CHUNK
 
 
 def in_chunk(index: int, offset: int) -> int:
     """Position on a single data stream of byte ``offset`` of chunk ``index``."""
-    return HELLO + index * ON_WIRE + CHUNK_HEADER.size + offset
+    return STREAM_PREAMBLE + index * ON_WIRE + CHUNK_HEADER.size + offset
 
 
 def chunk_error(index: int) -> str:
@@ -98,7 +105,7 @@ def test_a_flip_on_another_stream_of_several_is_detected():
     flipped = threading.Event()
 
     def tamper(conn, offset, data):
-        if conn == 1 and offset >= HELLO:
+        if conn == 1 and offset >= STREAM_PREAMBLE:
             flipped.wait(60)
         elif conn >= 2 and not flipped.is_set():
             data = flip_at(conn, in_chunk(0, 100), flipped)(conn, offset, data)
