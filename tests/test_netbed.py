@@ -46,8 +46,10 @@ for target in sys.argv[1:]:
 CHILD = """
 import signal, sys
 from netloader_testing.netbed import NetBed
-if sys.argv[1:] == ["default"]:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# "python": Python's own handler, set here since a parent that ignores SIGINT (a shell's
+# background job does) passes that on and Python then installs none; "default": SIG_DFL.
+python = sys.argv[1:] == ["python"]
+signal.signal(signal.SIGINT, signal.default_int_handler if python else signal.SIG_DFL)
 with NetBed({"a": None, "b": "100mbit"}) as bed:
     inside = bed["a"].popen(["sleep", "600"])
     print("ready", bed.name, inside.pid, flush=True)
