@@ -14,7 +14,7 @@ checked against the digest its offer names, and an entry is installed whole or n
 """
 
 from netloader.artifacts.entry import Entry, FileDigest, describe_difference
-from netloader.artifacts.kinds import KINDS, VLLM_TORCH_COMPILE, Kind, kind, register_kind
+from netloader.artifacts.kinds import KINDS, VLLM_TORCH_COMPILE, Kind, register_kind
 
 __all__ = [
     "KINDS",
@@ -23,6 +23,5 @@ __all__ = [
     "FileDigest",
     "Kind",
     "describe_difference",
-    "kind",
     "register_kind",
 ]

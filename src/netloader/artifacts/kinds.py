@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from netloader.errors import ConfigError
-
 #: What a key may look like: a file name of its own, never a path (vLLM's are sha256 hex).
 KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -59,15 +57,6 @@ def register_kind(new: Kind) -> None:
     known = KINDS.setdefault(new.name, new)
     if known is not new:
         raise ValueError(f"artifact kind {new.name!r} is registered already")
-
-
-def kind(name: str) -> Kind:
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown artifact kind {name!r}; known: {', '.join(sorted(KINDS))}"
-        ) from None
 
 
 register_kind(VLLM_TORCH_COMPILE)
