@@ -65,8 +65,8 @@ from netloader_testing.netbed import NetBed, available, parse_rate
 PULLED = re.compile(r"pulled (\d+) bytes in ([\d.]+) s .* from (.*) over ")
 AGAIN = re.compile(r"(\d+) bytes fetched again")
 FEEDER = re.compile(r"to pull from ([\d.]+):\d+")
-# The seed's placements ("sending A to pull from B") and moves ("moving A to pull from B too").
-PLACED = re.compile(r"(?:sending|moving) (\S+) to pull from (\S+?)( too)?$", re.M)
+# The seed's placements ("sending A to pull from B") and moves ("moving A to pull from B instead of C").
+PLACED = re.compile(r"(?:sending|moving) (\S+) to pull from (\S+?)( too| instead of .*)?$", re.M)
 
 
 class Client:

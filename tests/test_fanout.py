@@ -97,6 +97,19 @@ def test_a_failed_source_gives_back_only_the_chunks_nobody_else_has():
     assert board.take("fast", copies=True) == 1
 
 
+def test_a_retired_source_gets_no_more_chunks_and_its_streams_are_told():
+    board = sized(4)
+    told = []
+    board.when_retired("slow", lambda: told.append("cut"))
+    assert board.take("slow", copies=True) == 0
+    board.retire("slow")
+    assert told == ["cut"] and board.take("slow", copies=True) is None
+    board.when_retired("slow", lambda: told.append("late"))  # a stream opened after: at once
+    assert told == ["cut", "late"]
+    assert board.release("slow") == [0]  # once its streams ended
+    assert board.take("fast", copies=True) == 0
+
+
 def test_a_waiting_stream_wakes_when_a_chunk_becomes_late():
     board = sized(2)
     board.take("slow", copies=True)
@@ -147,17 +160,40 @@ def test_relays_started_together_form_a_chain_and_equal_rates_move_nobody():
 def test_a_member_far_behind_what_feeds_it_is_slow_and_its_downstream_moves_ahead():
     """seed -> a -> b (slow) -> c -> d: b receives at a tenth of a's rate; c and d keep pace
     with b, so they are not slow themselves. c, fed only by slow b, is given a (the nearest
-    earlier node that is neither slow nor fed only by slow ones) and keeps b."""
+    earlier node that is neither slow nor fed only by slow ones) instead of b."""
     relays, clock, (a, b, c, d), told = fleet(4)
     rates = {a: 25e6, b: 2.5e6, c: 2.5e6, d: 2.5e6}
     moves = report(relays, clock, rates, 3)  # b is 2 s of a's rate behind a at the third
     assert relays.slow() == [b]
-    assert moves == [(c, Placement(here=False, peers=(a,)))]
-    assert told == [Placement(here=False, peers=(a,))]
-    assert relays.members()[2].upstreams == [b, a]
+    assert moves == [(c, Placement(here=False, peers=(a,), drop=(b,)))]
+    assert told == [Placement(here=False, peers=(a,), drop=(b,))]
+    assert relays.members()[2].upstreams == [a]
     # c speeds up: d now keeps pace with a fast upstream; nobody else moves.
     rates[c] = rates[d] = 25e6
     assert report(relays, clock, rates, 4) == []
+
+
+def test_a_member_that_received_nothing_while_its_upstream_did_is_slow():
+    """Holding nothing is no excuse once a second of reports shows its upstream far ahead:
+    b, at a tenth of a's rate, has not verified its first chunk yet (judged at the third)."""
+    relays, clock, (a, b, c), _ = fleet(3)
+    moves = report(relays, clock, {a: 60e6, b: 0, c: 0}, 3)
+    assert relays.slow() == [b]
+    assert moves == [(c, Placement(here=False, peers=(a,), drop=(b,)))]
+
+
+def test_a_member_placed_again_is_judged_afresh():
+    """b's upstream vanished; b received nothing for 2 s, then came back and was placed
+    again (at the seed): its stalled reports are forgotten, so c behind it is not moved."""
+    relays, clock, (a, b, c), told = fleet(3)
+    e = "10.0.0.9:1"
+    relays.join(e, [a, b, c])  # fed by the seed: the others' pace is measured
+    report(relays, clock, dict.fromkeys([a, b, c, e], 25e6), 2)
+    relays.leave(a)
+    clock.now += 2  # nothing arrives at b (nor c) meanwhile
+    assert relays.join(b, [a]) == Placement(here=True)
+    assert report(relays, clock, dict.fromkeys([b, c, e], 25e6), 1) == []
+    assert relays.slow() == [] and told == []
 
 
 def test_nobody_new_is_placed_behind_a_slow_member():
@@ -185,9 +221,10 @@ def test_a_member_behind_a_slow_first_one_is_moved_to_the_seed():
     extra = ["10.0.0.8:1", "10.0.0.9:1"]
     for e in extra:
         relays.join(e, [a, b])
-    moves = report(relays, clock, {a: 1e6, b: 1e6, extra[0]: 25e6, extra[1]: 25e6}, 2)
+    moves = report(relays, clock, {a: 1e6, b: 1e6, extra[0]: 25e6, extra[1]: 25e6}, 3)
     assert relays.slow() == [a]
-    assert moves == [(b, Placement(here=True))]  # a is the only earlier member: the seed
+    # a is the only earlier member: the seed, instead of a
+    assert moves == [(b, Placement(here=True, drop=(a,)))]
     assert len(told) == 1
 
 
@@ -251,7 +288,7 @@ sys.exit(main(["serve", *sys.argv[1:]]))
 
 def test_a_relay_behind_a_slow_one_is_moved_ahead_by_the_seed(checkpoint, tmp_path):
     """seed -> a -> b (a tenth of the rate) -> c, joined in that order: the seed finds b slow
-    against a, and moves c to a as well; c takes most of its chunks from a."""
+    against a, and moves c to a instead; c takes most of its chunks from a."""
     hosts = {"seed": "50mbit", "a": "50mbit", "b": "5mbit", "c": "50mbit"}
     with NetBed(hosts) as bed, open(tmp_path / "seed.log", "w+") as seed_log:
         # 1 MiB chunks: b's progress shows within seconds, long before a holds everything.
@@ -279,7 +316,9 @@ def test_a_relay_behind_a_slow_one_is_moved_ahead_by_the_seed(checkpoint, tmp_pa
         seed_log.seek(0)
         log = seed_log.read()
     address = {n: a for n, (_, a) in procs.items()}
-    assert f"moving {address['c']} to pull from {address['a']} too" in log, log
+    assert f"moving {address['c']} to pull from {address['a']} instead of {address['b']}" in log
+    c_log = (tmp_path / "c.log").read_text()
+    assert f"no more chunks from {address['b']}" in c_log, c_log
     shares = sources(line)
     assert shares.get(address["a"], 0) > shares.get(address["b"], 0), line
 

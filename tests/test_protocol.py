@@ -193,7 +193,9 @@ by_kind = {
         st.none() | hexes(32),
     ),
     "progress": st.builds(Progress, st.integers(0, 1 << 62)),
-    "moved": st.builds(Moved, st.booleans(), st.lists(addresses, max_size=4)),
+    "moved": st.builds(
+        Moved, st.booleans(), st.lists(addresses, max_size=4), st.lists(addresses, max_size=4)
+    ),
 }
 messages = st.one_of(*by_kind.values())
 
@@ -648,7 +650,11 @@ FIELDS = {
         "mac": MAC,
     },
     "progress": {"held": is_int(0, 1 << 62)},
-    "moved": {"here": is_bool, "peers": is_addresses},
+    "moved": {
+        "here": is_bool,
+        "peers": is_addresses,
+        "drop": lambda v, o: v is None or is_addresses(v, o),  # absent: keep every source
+    },
 }
 LIMITS = {
     kind: (64 << 20 if kind in ("pull", "accept", "ipc_offer") else 64 << 10) for kind in FIELDS
@@ -670,6 +676,8 @@ def canonical(kind: str, fields: dict) -> str:
         out["digest"] = out["digest"] or "xxh3-64"  # absent: the digests are XXH3
     if kind == "stream":
         out["confirm"] = bool(out["confirm"])  # absent: false
+    if kind == "moved":
+        out["drop"] = out["drop"] or []  # absent: none
     return json.dumps(out, sort_keys=True)
 
 

@@ -15,6 +15,10 @@ twice lands where it belongs only through ``claim``/``commit``: the first answer
 nobody else was asked for lands in place (``claim`` True); every other answer lands aside,
 and the first verified copy is committed, the others dropped. Only sources that land through
 claims (``take(..., copies=True)``) are given copies, or have theirs copied.
+
+A source can be *retired* (``retire``: its own source found it slow and sent this client
+elsewhere): it is given no more chunks, and whatever runs its streams is told (``when_retired``)
+so that it can cut them; once they ended, ``release`` hands its chunks in flight to the others.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Board:
         self._took: deque[float] = deque(maxlen=RECENT)  # recent times from asking to landing
         self._landing: set[int] = set()  # chunks whose one answer is landing in place
         self._claiming: set[str] = set()  # sources that land through claims
+        self._retired: set[str] = set()  # sources given no more chunks
+        self._on_retire: dict[str, list[Callable[[], None]]] = {}
         self._done = bytearray(num_chunks)
         self._left = num_chunks
         self._stopped = False
@@ -79,7 +85,7 @@ class Board:
         ``copies``: ``source`` lands through ``claim``/``commit``, and may be given an endgame
         copy of a chunk in flight elsewhere."""
         with self._cond:
-            if self._stopped:
+            if self._stopped or source in self._retired:
                 return None
             if copies:
                 self._claiming.add(source)
@@ -147,6 +153,28 @@ class Board:
         with self._cond:
             if self._left:
                 self._on_complete.append(hook)
+                return
+        hook()
+
+    def retire(self, source: str) -> None:
+        """Give ``source`` no more chunks, and tell whoever runs its streams."""
+        with self._cond:
+            if source in self._retired:
+                return
+            self._retired.add(source)
+            hooks = self._on_retire.pop(source, [])
+            self._cond.notify_all()
+        for hook in hooks:
+            hook()
+
+    def retired(self, source: str) -> bool:
+        return source in self._retired
+
+    def when_retired(self, source: str, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once ``source`` is retired (at once if it is)."""
+        with self._cond:
+            if source not in self._retired:
+                self._on_retire.setdefault(source, []).append(hook)
                 return
         hook()
 

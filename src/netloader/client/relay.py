@@ -95,14 +95,30 @@ def follow(
     while listening and not board.wait_finished(REPORT_EVERY):
         try:
             for moved in _moves(control):
-                log.info("%s moves this client to %s too", endpoint.text, moved)
-                report([Endpoint.parse(p) for p in moved.peers] + [endpoint] * moved.here)
+                _move(endpoint, moved, board, report)
             control.channel.send(Progress(board.held()), time.monotonic() + REPORT_EVERY)
         except (OSError, ProtocolError) as exc:
             log.info("%s no longer hears this client's progress: %s", endpoint.text, exc)
             listening = False
     board.wait_finished()
     control.done(None if board.complete else PullError("the pull failed"))
+
+
+def _move(
+    endpoint: Endpoint, moved: Moved, board: Board, report: Callable[[list[Endpoint]], None]
+) -> None:
+    """Start the sources ``moved`` names, and retire those it drops (their chunks in flight
+    go to the others)."""
+    new = [*moved.peers, *([endpoint.text] if moved.here else [])]
+    log.info(
+        "%s moves this client to %s%s",
+        endpoint.text,
+        ", ".join(new),
+        f" instead of {', '.join(moved.drop)}" if moved.drop else " too",
+    )
+    report([Endpoint.parse(p) for p in moved.peers] + [endpoint] * moved.here)
+    for peer in moved.drop:
+        board.retire(peer)
 
 
 def _moves(control: Control) -> list[Moved]:

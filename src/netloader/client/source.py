@@ -133,11 +133,25 @@ class SourceRun:
         try:
             run_transport(accept.transport, inc)
             self.transport, self.streams = inc.transport, inc.streams
+            self._after_retired(inc)
         except Exception as exc:
             error = as_pull_error(exc, "transfer", partial=inc.wrote)
             if isinstance(error, PeerClosed | TransferTimeout):
                 error = control.explain(error)
             raise error from None
+
+    def _after_retired(self, inc: Incoming) -> None:
+        """A source retired (its own source found it slow) and cut: its chunks in flight go
+        to the others now that its streams have ended."""
+        board = self.transfer.board
+        if board.retired(inc.source) and not board.complete:
+            back = board.release(inc.source)
+            log.info(
+                "no more chunks from %s (found slow); %d chunk(s) it had in flight go to the "
+                "other sources",
+                inc.source,
+                len(back),
+            )
 
     def _fail(self, exc: PullError, inc: Incoming | None) -> None:
         """Hand this source's chunks in flight back to the board and tell the source; whether

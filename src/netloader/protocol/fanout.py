@@ -29,15 +29,17 @@ class Progress(Message):
 @dataclass
 class Moved(Message):
     """Source -> relay: take chunks from ``peers`` too (and from this source itself, ``here``),
-    keeping the sources it has."""
+    and no more from the sources in ``drop`` (slow ones; absent: keep every source)."""
 
     kind: ClassVar[str] = "moved"
     here: bool
     peers: list[str] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, o: dict) -> Moved:
-        return cls(typed(o, "here", bool), addresses(o, "peers"))
+        drop = addresses(o, "drop") if o.get("drop") is not None else []
+        return cls(typed(o, "here", bool), addresses(o, "peers"), drop)
 
 
 register(Progress, Moved)

@@ -10,17 +10,21 @@ feeds one, the oldest that feeds fewer than ``FANOUT`` takes it (a tree). Member
 pull from nodes that joined before them, so no cycle can form; a member that goes away is
 forgotten, and whoever pulled from it comes back and is placed again.
 
-Members report how much they hold (``progress``), so each has a smoothed receiving rate. A
-member is *slow* when it receives at under ``SLOW`` times the pace of what feeds it (its
-fastest upstream; for the seed, the median of the other members pulling) and does not merely
-wait for an upstream still pulling (it is more than ``LAG`` s of that one's rate behind it):
-slow relative to the others, never by a fixed rate; a member that keeps pace with a slow
-upstream, or catches up with one that just sped up, is not slow itself. Nobody is placed behind a slow member, or
-behind one fed only by slow members; and a member whose every upstream is slow is *moved*: it is
-given one more upstream (``Placement``, told through its ``notify``), chosen by the same rule
-among the nodes that joined before it, while it keeps the old ones (its work-stealing board
-gives them what they can carry). The policy holds no sockets and reads no clock of its own
-(``clock``), so the fleet simulator (``benchmarks/fleet_sim.py``) runs this very class.
+Members report how much they hold (``progress``), so each has a smoothed receiving rate,
+counted from its first report (a member that has received nothing for a second of reports
+while others receive is the clearest case of slow). A member is *slow* when it receives at
+under ``SLOW`` times the pace of what feeds it (its fastest upstream; for the seed, the median
+of the other members pulling) and does not merely wait for an upstream still pulling (it is
+within ``LAG`` s of that one's rate of it): slow relative to the others, never by a fixed
+rate; a member that keeps pace with a slow upstream, or catches up with one that just sped up,
+is not slow itself. Nobody is placed behind a slow member, or behind one fed only by slow
+members; and a member whose every upstream is slow is *moved* (``Placement``, told through its
+``notify``): to one node chosen by the same rule among those that joined before it, dropping the
+slow ones (it hands their chunks in flight to the new one at once). A member placed again
+(it comes back when its upstreams failed) is judged afresh, as is whoever it feeds. The
+policy judges at most every ``JUDGE_EVERY`` s (in O(members), so a seed with thousands of
+members spends little on it), holds no sockets and reads no clock of its own (``clock``), so
+the fleet simulator (``benchmarks/fleet_sim.py``) runs this very class.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from netloader import events
 
@@ -41,8 +45,9 @@ log = logging.getLogger("netloader.server")
 #: Relays one node feeds at most while another node has room: 2 keeps every uplink at about
 #: twice the model, at most.
 FANOUT = 2
-#: Members this server tracks; beyond it, clients are served directly, not placed.
-MAX_MEMBERS = 256
+#: Members this server tracks; beyond it, clients are served directly, not placed. Each is an
+#: open connection and a few hundred bytes here.
+MAX_MEMBERS = 4096
 SELF = ""  # a member's upstream when it pulls from this server itself
 #: A member receiving at under this fraction of the pace of what feeds it is slow.
 SLOW = 0.5
@@ -52,17 +57,21 @@ RATE_WINDOW = 3.0
 MIN_SPAN = 1.0
 #: A member within this many seconds (at its upstream's rate) of an upstream's progress is
 #: waiting for it, not slow.
-LAG = 2.0
-#: Times one member is moved at most (each move adds an upstream).
+LAG = 1.0
+#: Times one member is moved at most.
 MAX_MOVES = 3
+#: Seconds between two judgements of who is slow (reports in between only update rates).
+JUDGE_EVERY = 0.25
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a client should pull from: this server (``here``), and/or ``peers``."""
+    """Where a client should pull from: this server (``here``), and/or ``peers``; a move also
+    names the upstreams to ``drop``."""
 
     here: bool
     peers: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -89,8 +98,6 @@ class Member:
     def sample(self, held: int, now: float) -> None:
         """It holds ``held`` bytes at ``now``."""
         self.held = held
-        if held == 0:
-            return  # not receiving yet: start-up is not slowness
         self.reports.append((now, held))
         while len(self.reports) > 2 and self.reports[1][0] <= now - RATE_WINDOW:
             self.reports.popleft()
@@ -121,6 +128,8 @@ class Relays:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on every change
+        self._judged = float("-inf")  # when slowness was last judged
+        self._seed_pace: dict[int, float | None] = {}  # per judgement: member seq -> pace
 
     def join(self, address: str, avoid: list[str]) -> Placement:
         """Register the relay at ``address`` (again, if it comes back) and place it."""
@@ -133,7 +142,9 @@ class Relays:
                 events.emit(events.RelayJoined(self.model, address))
             member.connections += 1
             self._changed.notify_all()
+            self._seed_pace.clear()
             member.upstreams = [self._choose(member, set(avoid))]
+            self._judged_afresh(member)
             return _placement(member.upstream)
 
     def watch(
@@ -159,6 +170,10 @@ class Relays:
                     m.sample(m.meter(), now)
             if address in self._members:
                 self._members[address].sample(held, now)
+            if now - self._judged < JUDGE_EVERY:
+                return []
+            self._judged = now
+            self._seed_pace.clear()
             moves = self._moves()
         for member, placement in moves:
             if member.notify is not None:
@@ -190,6 +205,7 @@ class Relays:
     def slow(self) -> list[str]:
         """The members slow right now, in the order they joined."""
         with self._lock:
+            self._seed_pace.clear()
             return [m.address for m in self._sorted() if self._is_slow(m)]
 
     def wait_for(self, settled: Callable[[list[Member]], bool], timeout: float) -> list[Member]:
@@ -211,6 +227,11 @@ class Relays:
         member = self._members.get(node)
         if member is not None:
             return member.rate
+        if besides.seq not in self._seed_pace:  # once per member and judgement
+            self._seed_pace[besides.seq] = self._median_besides(besides)
+        return self._seed_pace[besides.seq]
+
+    def _median_besides(self, besides: Member) -> float | None:
         rates = [m.rate for m in self._members.values() if m is not besides and m.measured]
         return statistics.median(rates) if rates else None  # type: ignore[type-var]
 
@@ -233,7 +254,8 @@ class Relays:
         return all(u in self._members and self._is_slow(self._members[u]) for u in member.upstreams)
 
     def _moves(self) -> list[tuple[Member, Placement]]:
-        """One more upstream for each member (that can be told) whose upstreams are all slow."""
+        """A new upstream, instead of its slow ones, for each member (that can be told) whose
+        upstreams are all slow."""
         moves = []
         for member in self._sorted():
             if member.holds or member.notify is None or member.moves >= MAX_MOVES:
@@ -243,15 +265,24 @@ class Relays:
             choice = self._choose(member, set(member.upstreams), newest=True)
             if choice in member.upstreams:
                 continue
-            member.upstreams.append(choice)
+            dropped = tuple(u for u in member.upstreams if u != SELF)
+            member.upstreams = [choice]
             member.moves += 1
-            # It, and whoever it feeds, are judged afresh: their pace is about to change.
-            for m in self._members.values():
-                if m is member or member.address in m.upstreams:
-                    m.forget_rate()
-            log.info("moving %s to pull from %s too", member.address, choice or "here")
-            moves.append((member, _placement(choice)))
+            self._judged_afresh(member)
+            log.info(
+                "moving %s to pull from %s instead of %s",
+                member.address,
+                choice or "here",
+                ", ".join(dropped),
+            )
+            moves.append((member, replace(_placement(choice), drop=dropped)))
         return moves
+
+    def _judged_afresh(self, member: Member) -> None:
+        """``member``, and whoever it feeds, are judged afresh: their pace is about to change."""
+        for m in self._members.values():
+            if m is member or member.address in m.upstreams:
+                m.forget_rate()
 
     def _choose(self, member: Member, avoid: set[str], newest: bool = False) -> str:
         """The upstream for ``member``: the newest earlier node feeding nobody, else the oldest

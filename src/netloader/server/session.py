@@ -191,7 +191,9 @@ class Session:
 
         def notify(placement: Placement) -> None:
             with sending:
-                channel.send_if_open(Moved(placement.here, list(placement.peers)))
+                channel.send_if_open(
+                    Moved(placement.here, list(placement.peers), list(placement.drop))
+                )
 
         relays = self.entry.relays
         relays.watch(address, notify=notify)

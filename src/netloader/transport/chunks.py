@@ -66,7 +66,7 @@ def request_chunks(stream: Asking, inc: Incoming, mark: Mark, window: int) -> No
             stream.ask(fresh)
             asked.extend(fresh)
         if not asked:
-            if inc.board.finished:
+            if inc.board.finished or inc.board.retired(inc.source):
                 return
             inc.board.wait_for_work(
                 inc.idle / 3, inc.source if copies else None

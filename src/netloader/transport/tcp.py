@@ -159,7 +159,8 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
     """Ask for chunks from the board, up to WINDOW at a time, until it has none left; each
     lands straight in its tensors (device pieces through pinned slices) and is verified. Once
     the board is complete, a stream still waiting for an answer (a chunk another source
-    delivered first) is cut: nobody needs it."""
+    delivered first) is cut: nobody needs it; so is every stream of a source retired (found
+    slow), whose chunks in flight then go to the others."""
     staging = Staging(inc.plan, inc.buffers)
     kernel_timeouts(sock, inc.idle)
     waiting = threading.Event()  # set while waiting for the next answer
@@ -169,6 +170,10 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
         if waiting.is_set():
             cut.set()
             shutdown(sock)
+
+    def on_retired() -> None:
+        cut.set()
+        shutdown(sock)
 
     def land(asked: collections.deque[int]) -> list[int]:
         header = bytearray(CHUNK_HEADER.size)
@@ -190,14 +195,15 @@ def fetch_stream(sock: socket.socket, inc: Incoming, mark: Mark) -> None:
         return [index]
 
     inc.board.when_complete(on_complete)
+    inc.board.when_retired(inc.source, on_retired)
     stream = SocketAsking(sock, land)
     try:
         request_chunks(stream, inc, mark, WINDOW)
+        stream.end()
     except OSError:
         if cut.is_set():
             return
         raise
-    stream.end()
 
 
 def _land_aside(sock: socket.socket, inc: Incoming, staging: Staging, index: int) -> list[int]:
