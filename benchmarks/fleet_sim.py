@@ -5,13 +5,16 @@
 
 It runs the package's own policy, so the model and the code cannot drift: the placement is
 ``netloader.server.relays.Relays`` (with the simulated clock), every replica's chunks are
-scheduled by ``netloader.board.Board`` (work stealing, endgame copies). What it models itself:
-each host's symmetric link (uplink and downlink shared equally by the flows using it at that
-moment), a one-way latency before a relay may forward a chunk it verified, ``WINDOW``
-requests outstanding per source, relays reporting progress every 0.5 s, relays joining over
-time, slow hosts and hosts dying mid-transfer (whoever pulled from a dead one releases its
-chunks, and with no source left asks to be placed again, avoiding it). Not modelled: TCP
-dynamics, CPU, process start-up.
+scheduled by ``netloader.board.Board`` (work stealing, endgame copies, retired sources). What
+it models itself: each host's symmetric link (uplink and downlink shared equally by the flows
+using it at that moment), a one-way latency before a relay may forward a chunk it verified,
+``STREAMS`` streams per source each with ``WINDOW`` requests outstanding and answered in order
+(a stream whose first request names a chunk its relay does not hold yet waits, as the real
+server does), relays reporting progress every 0.5 s, moves (new sources, and the slow ones
+dropped: their chunks in flight go back to the board), relays joining over time, slow hosts
+and hosts dying mid-transfer (whoever pulled from a dead one releases its chunks, and with no
+source left asks to be placed again, avoiding it). Not modelled: TCP dynamics, CPU, process
+start-up.
 
 Two policies, side by side: ``old`` (one upstream, no progress reports, no endgame copies: the
 code before issue 18) and ``new`` (progress reports, moves, endgame copies).
@@ -34,9 +37,10 @@ from netloader.server.relays import Placement, Relays
 
 SEED = "seed"
 STREAMS = 2  # streams per source (the default), each bringing one chunk at a time
-WINDOW = 4  # requests outstanding per source: 2 streams x 2 (transport.chunks.WINDOW)
+WINDOW = 2  # requests outstanding per stream (transport.chunks.WINDOW), answered in order
 REPORT_EVERY = 0.5  # client.relay.REPORT_EVERY
 CHUNK = 4 << 20
+FILL_ROUNDS = 3  # rounds of water filling per step
 PULL_SECONDS = re.compile(r"pulled \d+ bytes in ([\d.]+) s")
 
 
@@ -48,7 +52,8 @@ class Host:
     dies: float | None = None
     board: Board | None = None
     sources: list[str] = field(default_factory=list)
-    asked: dict[str, list[int]] = field(default_factory=dict)  # source -> chunks, in order
+    #: source -> its streams' requests, each stream's in the order they are answered
+    asked: dict[str, list[list[int]]] = field(default_factory=dict)
     got: dict[tuple[str, int], float] = field(default_factory=dict)  # bytes of a chunk so far
     ready_at: float | None = None
     dead: bool = False
@@ -66,7 +71,7 @@ class Fleet:
     relays: Relays = field(init=False)
 
     def __post_init__(self) -> None:
-        self.relays = Relays("sim", clock=lambda: self.now)
+        self.relays = Relays("sim", clock=lambda: self.now, chunk_bytes=CHUNK)
         self.chunks = -(-self.size // CHUNK)
 
     def chunk_bytes(self, index: int) -> int:
@@ -82,10 +87,24 @@ def place(fleet: Fleet, host: Host, avoid: list[str]) -> None:
 
 
 def add_sources(host: Host, placement: Placement) -> None:
+    """Start the sources ``placement`` names; retire those it drops (as ``client.relay``)."""
     for peer in [*placement.peers, *([SEED] if placement.here else [])]:
         if peer not in host.sources:
             host.sources.append(peer)
-            host.asked[peer] = []
+            host.asked[peer] = [[] for _ in range(STREAMS)]
+    for peer in placement.drop:
+        if peer in host.sources and host.board is not None:
+            host.board.retire(peer)
+            drop_source(host, peer)
+
+
+def drop_source(host: Host, source: str) -> None:
+    """``host`` stops using ``source``: what it had in flight there goes back to the board."""
+    host.sources.remove(source)
+    for stream in host.asked.pop(source):
+        for index in stream:
+            host.got.pop((source, index), None)
+    host.board.release(source)  # type: ignore[union-attr]
 
 
 def holds(fleet: Fleet, source: str, index: int) -> bool:
@@ -97,28 +116,24 @@ def holds(fleet: Fleet, source: str, index: int) -> bool:
 
 
 def flows(fleet: Fleet) -> list[tuple[Host, str, int]]:
-    """Every (receiver, source, chunk) moving bytes now: per source, one chunk per stream
-    (the first ones asked that it holds), each stream a flow of its own on the links."""
+    """Every (receiver, source, chunk) moving bytes now: each stream's first request, once its
+    source holds that chunk; each stream a flow of its own on the links."""
     moving = []
     for host in fleet.hosts.values():
         if host.board is None or host.dead or host.ready_at is not None:
             continue
         for source in host.sources:
-            held = [i for i in host.asked[source] if holds(fleet, source, i)]
-            moving += [(host, source, i) for i in held[:STREAMS]]
+            for stream in host.asked[source]:
+                if stream and holds(fleet, source, stream[0]):
+                    moving.append((host, source, stream[0]))
     return moving
 
 
 def step(fleet: Fleet, dt: float) -> None:
-    """Move ``dt`` seconds of bytes, sharing each link equally among its flows."""
+    """Move ``dt`` seconds of bytes at the rates ``share`` gives the flows."""
     moving = flows(fleet)
-    up: dict[str, int] = {}
-    down: dict[str, int] = {}
-    for host, source, _ in moving:
-        up[source] = up.get(source, 0) + 1
-        down[host.name] = down.get(host.name, 0) + 1
-    for host, source, index in moving:
-        rate = min(fleet.hosts[source].rate / up[source], host.rate / down[host.name])
+    rates = share(fleet, [(source, host.name) for host, source, _ in moving])
+    for (host, source, index), rate in zip(moving, rates, strict=True):
         key = (source, index)
         if key not in host.got:
             host.got[key] = 0.0
@@ -131,11 +146,37 @@ def step(fleet: Fleet, dt: float) -> None:
             land(fleet, host, source, index)
 
 
+def share(fleet: Fleet, pairs: list[tuple[str, str]]) -> list[float]:
+    """Max-min fair rates of flows (uplink host, downlink host), as TCP flows sharing links
+    roughly get: a link's capacity is split equally among its flows that are not held back
+    elsewhere, and what a flow held back elsewhere leaves is shared by the others (water
+    filling, a few rounds: close enough at the scale of a step)."""
+    rates = [0.0] * len(pairs)
+    links = [((0, up), (1, down)) for up, down in pairs]  # (0, h): h's uplink; (1, h): downlink
+    left = {link: fleet.hosts[link[1]].rate for pair in links for link in pair}
+    open_ = set(range(len(pairs)))
+    for _ in range(FILL_ROUNDS):
+        count: dict[tuple[int, str], int] = {}
+        for i in open_:
+            for link in links[i]:
+                count[link] = count.get(link, 0) + 1
+        grant = {i: min(left[link] / count[link] for link in links[i]) for i in open_}
+        for i, g in grant.items():
+            rates[i] += g
+            for link in links[i]:
+                left[link] -= g
+        # A flow stays open while both its links have room left.
+        open_ = {i for i in open_ if all(left[link] > 1e-6 for link in links[i])}
+        if not open_:
+            break
+    return rates
+
+
 def land(fleet: Fleet, host: Host, source: str, index: int) -> None:
     board = host.board
     assert board is not None
     del host.got[(source, index)]
-    host.asked[source].remove(index)
+    next(s for s in host.asked[source] if s and s[0] == index).pop(0)
     board.commit(index, source, lambda: None)
     host.done_at.setdefault(index, fleet.now)
     if board.complete and host.ready_at is None:
@@ -144,15 +185,16 @@ def land(fleet: Fleet, host: Host, source: str, index: int) -> None:
 
 
 def ask(fleet: Fleet, host: Host) -> None:
-    """Each source of ``host`` keeps WINDOW chunks asked (``Board.take``)."""
+    """Each stream of each source of ``host`` keeps WINDOW chunks asked (``Board.take``)."""
     board = host.board
     assert board is not None
     for source in host.sources:
-        while len(host.asked[source]) < WINDOW:
-            index = board.take(source, copies=fleet.new)
-            if index is None:
-                break
-            host.asked[source].append(index)
+        for stream in host.asked[source]:
+            while len(stream) < WINDOW:
+                index = board.take(source, copies=fleet.new)
+                if index is None:
+                    break
+                stream.append(index)
 
 
 def die(fleet: Fleet, host: Host) -> None:
@@ -162,16 +204,17 @@ def die(fleet: Fleet, host: Host) -> None:
     fleet.relays.leave(host.name)
     for other in fleet.hosts.values():
         if host.name in other.sources and other.board is not None:
-            other.sources.remove(host.name)
-            for index in other.asked.pop(host.name):
-                other.got.pop((host.name, index), None)
-            other.board.release(host.name)
+            drop_source(other, host.name)
             if not other.sources and not other.dead:
                 place(fleet, other, [host.name])
 
 
 def run(fleet: Fleet, dt: float, limit: float) -> Fleet:
-    next_report = 0.0
+    """Step until every live replica holds the model or ``limit`` s. Each relay reports every
+    REPORT_EVERY s from REPORT_EVERY after it joined, at a phase of its own (the real reports
+    arrive in no set order)."""
+    phase = {n: REPORT_EVERY * (1 + i % 7 / 7) for i, n in enumerate(fleet.hosts)}
+    next_report = {n: h.joins + phase[n] for n, h in fleet.hosts.items()}
     while fleet.now < limit:
         for host in fleet.hosts.values():
             if host.board is None and host.joins <= fleet.now:
@@ -185,11 +228,12 @@ def run(fleet: Fleet, dt: float, limit: float) -> Fleet:
         for host in alive:
             if host.board is not None and host.ready_at is None:
                 ask(fleet, host)
-        if fleet.new and fleet.now >= next_report:
+        if fleet.new:
             for host in alive:
-                if host.board is not None and host.ready_at is None:
+                due = fleet.now >= next_report[host.name]
+                if due and host.board is not None and host.ready_at is None:
                     fleet.relays.progress(host.name, host.board.held())
-            next_report += REPORT_EVERY
+                    next_report[host.name] += REPORT_EVERY
         step(fleet, dt)
         fleet.now += dt
     return fleet

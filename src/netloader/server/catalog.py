@@ -108,6 +108,7 @@ class ServedModel:
 
     def _install(self, snapshot: Snapshot) -> None:
         self.snapshot = self.integrity.snapshot = snapshot
+        self.relays.chunk_bytes = snapshot.plan.chunk_size
         self._settled.set()
 
 

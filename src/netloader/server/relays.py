@@ -55,9 +55,11 @@ SLOW = 0.5
 #: they span ``MIN_SPAN`` s while it receives (report times jitter on a loaded host).
 RATE_WINDOW = 3.0
 MIN_SPAN = 1.0
-#: A member within this many seconds (at its upstream's rate) of an upstream's progress is
-#: waiting for it, not slow.
+#: A member within this many seconds (at its upstream's rate) of an upstream's progress, or
+#: within ``WINDOW_CHUNKS`` chunks of it (what its streams have asked for: a relay deep in a
+#: chain that is just starting has a low rate and holds little), is waiting for it, not slow.
 LAG = 1.0
+WINDOW_CHUNKS = 4
 #: Times one member is moved at most.
 MAX_MOVES = 3
 #: Seconds between two judgements of who is slow (reports in between only update rates).
@@ -84,7 +86,10 @@ class Member:
     #: Bytes it held at its last report; its reports (time, bytes) while receiving.
     held: int = 0
     reports: deque[tuple[float, int]] = field(default_factory=deque)
+    ramping: bool = False  # its rate was forgotten and it has received nothing since
     moves: int = 0
+    #: Upstreams it was moved away from: never given again (its board retired them).
+    dropped: set[str] = field(default_factory=set)
     #: Tells the member where else to pull from (a member placed behind peers); None: cannot.
     notify: Callable[[Placement], None] | None = None
     #: Bytes sent to it so far, read by this server itself (a member it serves directly).
@@ -97,13 +102,31 @@ class Member:
 
     def sample(self, held: int, now: float) -> None:
         """It holds ``held`` bytes at ``now``."""
+        if self.ramping and held == self.held:
+            return  # just moved: it has received nothing from its new upstream yet
+        self.ramping = False
         self.held = held
         self.reports.append((now, held))
         while len(self.reports) > 2 and self.reports[1][0] <= now - RATE_WINDOW:
             self.reports.popleft()
 
     def forget_rate(self) -> None:
+        """Judge it afresh from its next report that shows it receiving (a move, or being
+        placed again, takes a moment before the first chunk comes)."""
         self.reports.clear()
+        self.ramping = True
+
+    def held_when(self, when: float) -> float:
+        """What it held at ``when``: between two of its reports, read off the line joining
+        them; after its last, going on at its rate. Reports arrive at their own moments, so a
+        member is compared with its upstream at the moment of the member's own last report."""
+        reports = self.reports
+        if not reports or when <= reports[0][0]:
+            return self.held
+        for (t0, h0), (t1, h1) in itertools.pairwise(reports):
+            if t0 <= when <= t1:
+                return h0 + (h1 - h0) * (when - t0) / (t1 - t0) if t1 > t0 else h1
+        return self.held + (self.rate or 0.0) * (when - reports[-1][0])
 
     @property
     def rate(self) -> float | None:
@@ -121,9 +144,12 @@ class Member:
 class Relays:
     """The members of one served model, and the placement of each new one."""
 
-    def __init__(self, model: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, model: str = "", clock: Callable[[], float] = time.monotonic, chunk_bytes: int = 0
+    ) -> None:
         self.model = model
         self.clock = clock
+        self.chunk_bytes = chunk_bytes  # of the model served (set once it is)
         self._members: dict[str, Member] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
@@ -140,11 +166,12 @@ class Relays:
                     return Placement(here=True)
                 member = self._members[address] = Member(address, next(self._seq))
                 events.emit(events.RelayJoined(self.model, address))
+            elif member.connections:
+                self._judged_afresh(member)  # placed again: its upstreams failed
             member.connections += 1
             self._changed.notify_all()
             self._seed_pace.clear()
-            member.upstreams = [self._choose(member, set(avoid))]
-            self._judged_afresh(member)
+            member.upstreams = [self._choose(member, set(avoid) | member.dropped)]
             return _placement(member.upstream)
 
     def watch(
@@ -245,8 +272,11 @@ class Relays:
         if not paces or member.rate >= SLOW * max(paces):  # type: ignore[operator]
             return False
         ahead = [self._members[u] for u in member.upstreams if u in self._members]
+        when, window = member.reports[-1][0], WINDOW_CHUNKS * self.chunk_bytes
         return not any(
-            u.rate is not None and u.held - member.held < LAG * u.rate for u in ahead if not u.holds
+            u.rate is not None and u.held_when(when) - member.held < max(LAG * u.rate, window)
+            for u in ahead
+            if not u.holds
         )
 
     def _starved(self, member: Member) -> bool:
@@ -262,10 +292,11 @@ class Relays:
                 continue
             if not self._starved(member):
                 continue
-            choice = self._choose(member, set(member.upstreams), newest=True)
+            choice = self._choose(member, set(member.upstreams) | member.dropped, newest=True)
             if choice in member.upstreams:
                 continue
             dropped = tuple(u for u in member.upstreams if u != SELF)
+            member.dropped.update(dropped)
             member.upstreams = [choice]
             member.moves += 1
             self._judged_afresh(member)
