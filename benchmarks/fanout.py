@@ -30,7 +30,8 @@ has received a random part (10 % to 80 %) of the model: every other client must 
 ``--resilience`` runs instead, side by side: one client alone, then N (the largest of
 ``--clients``) with equal links, with one client (a random one) at a tenth of the rate, and
 with a relay killed at a random point; each time of the clients that are not slow over the time
-of one alone, where the slow one joined the chain, and the seed's moves.
+of one alone, where the slow one joined the chain, and the seed's moves (``--chunk-size``: the
+seed's chunks, 4 MiB unless told).
 
 Reported per run: the time, the seed's uplink bytes over the model's size, and the cores used
 by all netloader processes (median of 0.5 s slices), to show the links are the limit.
@@ -208,6 +209,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--seed", type=int, default=0, help="for the random kill point")
     parser.add_argument(
+        "--chunk-size",
+        default=FAN_OUT.chunk,
+        help="the seed's chunk size in --resilience runs (every relay hop waits for one chunk)",
+    )
+    parser.add_argument(
         "--resilience",
         action="store_true",
         help="instead: 1 client, then N (the largest of --clients) with equal links, with one "
@@ -279,7 +285,9 @@ def resilience(args: argparse.Namespace, count: int) -> None:
             (f"one relay killed at {fraction:.0%}", {"count": count, "kill_at": fraction}),
         ]:
             count_ = kwargs.pop("count")
-            run = one_run(checkpoint, args.rate, count_, FAN_OUT, **kwargs)
+            mode = Mode(FAN_OUT.name, discovery=True, chunk=args.chunk_size)
+            run = one_run(checkpoint, args.rate, count_, mode, **kwargs)
+            run["chunk"] = args.chunk_size
             run["case"] = label
             runs.append(run)
             print(f"{label}: {_row(run)}", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ SEED = "seed"
 STREAMS = 2  # streams per source (the default), each bringing one chunk at a time
 WINDOW = 2  # requests outstanding per stream (transport.chunks.WINDOW), answered in order
 REPORT_EVERY = 0.5  # client.relay.REPORT_EVERY
-CHUNK = 4 << 20
+CHUNK = 4 << 20  # the default; --chunk-size
 FILL_ROUNDS = 3  # rounds of water filling per step
 PULL_SECONDS = re.compile(r"pulled \d+ bytes in ([\d.]+) s")
 
@@ -66,16 +66,17 @@ class Fleet:
     size: int
     latency: float
     new: bool
+    chunk: int = CHUNK
     now: float = 0.0
     seed_sent: float = 0.0
     relays: Relays = field(init=False)
 
     def __post_init__(self) -> None:
-        self.relays = Relays("sim", clock=lambda: self.now, chunk_bytes=CHUNK)
-        self.chunks = -(-self.size // CHUNK)
+        self.relays = Relays("sim", clock=lambda: self.now, chunk_bytes=self.chunk)
+        self.chunks = -(-self.size // self.chunk)
 
     def chunk_bytes(self, index: int) -> int:
-        return min(CHUNK, self.size - index * CHUNK)
+        return min(self.chunk, self.size - index * self.chunk)
 
 
 def place(fleet: Fleet, host: Host, avoid: list[str]) -> None:
@@ -258,7 +259,7 @@ def simulate(hosts: dict, args: argparse.Namespace, new: bool, rate: float) -> d
     fresh = {h.name: Host(h.name, h.rate, h.joins, h.dies) for h in hosts.values()}
     fresh[SEED] = Host(SEED, rate, float("inf"))
     fresh[SEED].ready_at = 0.0
-    fleet = run(Fleet(fresh, args.size, args.latency, new), args.dt, args.limit)
+    fleet = run(Fleet(fresh, args.size, args.latency, new, args.chunk_size), args.dt, args.limit)
     alone = args.size / rate
     eligible = [h for h in fresh.values() if h.name != SEED and h.dies is None]
     fast = [h for h in eligible if h.rate == rate]
@@ -291,16 +292,20 @@ def check_bed(path: str, args: argparse.Namespace) -> None:
     ready), over the one-alone pull."""
     bed = json.loads(Path(path).read_text())
     size = bed["payload_bytes"]
-    runs = {r["case"].split(" (")[0]: r for r in bed["runs"]}
+    runs = {r["case"].split(" (")[0].split(" at ")[0]: r for r in bed["runs"]}
     one = runs["one alone"]["pull_phase_s"]
     rate = size / one
     args.size = size
-    for case in ("equal links", "one slow"):
+    for case in ("equal links", "one slow", "one relay killed"):
         run = runs[case]
+        args.chunk_size = parse_size(run.get("chunk", "4MiB"))
         own = [float(PULL_SECONDS.search(line)[1]) for line in run["lines"]]
         starts = sorted(end - s for end, s in zip(sorted(run["each_s"]), sorted(own), strict=True))
         starts = [t - starts[0] for t in starts]
         hosts = {f"r{i}": Host(f"r{i}", rate, t) for i, t in enumerate(starts)}
+        if run.get("killed_after_fraction"):  # the bench kills the first relay that feeds one
+            dies = run["killed_after_fraction"] * size / rate
+            hosts = {"killed": Host("killed", rate, 0.0, dies), **hosts}
         if run.get("slow"):
             at = run["slow"]["joined"] - 1
             joins = starts[max(0, at - 1)]
@@ -319,6 +324,7 @@ def check_bed(path: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=256 << 20)
+    parser.add_argument("--chunk-size", type=parse_size, default=CHUNK)
     parser.add_argument("--rate", type=float, default=25e6, help="bytes/s of a normal host")
     parser.add_argument("--latency", type=float, default=0.001, help="one-way, seconds")
     parser.add_argument("--n", default="64,256,1024")

@@ -54,7 +54,7 @@ SLOW = 0.5
 #: A member's rate is its progress over the last ``RATE_WINDOW`` s of reports, and counts once
 #: they span ``MIN_SPAN`` s while it receives (report times jitter on a loaded host).
 RATE_WINDOW = 3.0
-MIN_SPAN = 1.0
+MIN_SPAN = 0.5
 #: A member within this many seconds (at its upstream's rate) of an upstream's progress, or
 #: within ``WINDOW_CHUNKS`` chunks of it (what its streams have asked for: a relay deep in a
 #: chain that is just starting has a low rate and holds little), is waiting for it, not slow.
