@@ -160,14 +160,21 @@ def test_relays_started_together_form_a_chain_and_equal_rates_move_nobody():
 def test_a_member_far_behind_what_feeds_it_is_slow_and_its_downstream_moves_ahead():
     """seed -> a -> b (slow) -> c -> d: b receives at a tenth of a's rate; c and d keep pace
     with b, so they are not slow themselves. c, fed only by slow b, is given a (the nearest
-    earlier node that is neither slow nor fed only by slow ones) instead of b."""
+    earlier node that is neither slow nor fed only by slow ones) instead of b; then b, which
+    feeds nobody now but shares a's uplink with c, is set aside behind d (the last node,
+    whose uplink nobody needs)."""
     relays, clock, (a, b, c, d), told = fleet(4)
     rates = {a: 25e6, b: 2.5e6, c: 2.5e6, d: 2.5e6}
     moves = report(relays, clock, rates, 3)  # b is 2 s of a's rate behind a at the third
     assert relays.slow() == [b]
-    assert moves == [(c, Placement(here=False, peers=(a,), drop=(b,)))]
-    assert told == [Placement(here=False, peers=(a,), drop=(b,))]
-    assert relays.members()[2].upstreams == [a]
+    assert moves == [
+        (c, Placement(here=False, peers=(a,), drop=(b,))),
+        (b, Placement(here=False, peers=(d,), drop=(a,))),
+    ]
+    assert [p for p in told] == [m[1] for m in moves]
+    upstreams = {m.address: m.upstreams for m in relays.members()}
+    assert upstreams == {a: [SELF], c: [a], d: [c], b: [d]}  # b comes last in the order
+    assert [m.address for m in relays.members()] == [a, c, d, b]
     # c speeds up: d now keeps pace with a fast upstream; nobody else moves.
     rates[c] = rates[d] = 25e6
     assert report(relays, clock, rates, 4) == []
@@ -179,7 +186,7 @@ def test_a_member_that_received_nothing_while_its_upstream_did_is_slow():
     relays, clock, (a, b, c), _ = fleet(3)
     moves = report(relays, clock, {a: 60e6, b: 0, c: 0}, 3)
     assert relays.slow() == [b]
-    assert moves == [(c, Placement(here=False, peers=(a,), drop=(b,)))]
+    assert moves[0] == (c, Placement(here=False, peers=(a,), drop=(b,)))
 
 
 def test_a_member_placed_again_is_judged_afresh():
@@ -201,7 +208,8 @@ def test_nobody_new_is_placed_behind_a_slow_member():
     report(relays, clock, {a: 25e6, b: 2.5e6, c: 2.5e6}, 3)  # c is moved at the third
     late = "10.0.0.9:1"
     placement = relays.join(late, [])
-    assert b not in placement.peers and c in placement.peers  # c is fed by a now too
+    assert relays.slow() == [b]  # set aside behind c: still slow, so not an upstream
+    assert placement.peers == (c,)  # c is fed by a now
 
 
 def test_a_member_fed_by_the_seed_is_judged_against_the_median_of_the_others():
@@ -223,9 +231,12 @@ def test_a_member_behind_a_slow_first_one_is_moved_to_the_seed():
         relays.join(e, [a, b])
     moves = report(relays, clock, {a: 1e6, b: 1e6, extra[0]: 25e6, extra[1]: 25e6}, 3)
     assert relays.slow() == [a]
-    # a is the only earlier member: the seed, instead of a
-    assert moves == [(b, Placement(here=True, drop=(a,)))]
-    assert len(told) == 1
+    # a is the only earlier member: the seed, instead of a; a is set aside behind the last
+    assert moves == [
+        (b, Placement(here=True, drop=(a,))),
+        (a, Placement(here=False, peers=(extra[1],))),
+    ]
+    assert len(told) == 2
 
 
 # --- over real links ----------------------------------------------------------------------

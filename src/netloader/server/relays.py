@@ -7,24 +7,31 @@ relay is sent to the most recent member that feeds nobody yet, so relays started
 a chain (seed -> r1 -> r2 -> ...) in which every host's uplink carries the model about once,
 and each relay forwards every chunk as soon as it has verified it. When every member already
 feeds one, the oldest that feeds fewer than ``FANOUT`` takes it (a tree). Members only ever
-pull from nodes that joined before them, so no cycle can form; a member that goes away is
-forgotten, and whoever pulled from it comes back and is placed again.
+pull from nodes before them in an order (the order they joined, but for members set aside),
+so no cycle can form; a member that goes away is forgotten, and whoever pulled from it comes
+back and is placed again.
 
 Members report how much they hold (``progress``), so each has a smoothed receiving rate,
-counted from its first report (a member that has received nothing for a second of reports
-while others receive is the clearest case of slow). A member is *slow* when it receives at
+counted from its first report (one that has received nothing for ``MIN_SPAN`` s of reports
+while its upstream did is the clearest case of slow). A member is *slow* when it receives at
 under ``SLOW`` times the pace of what feeds it (its fastest upstream; for the seed, the median
 of the other members pulling) and does not merely wait for an upstream still pulling (it is
-within ``LAG`` s of that one's rate of it): slow relative to the others, never by a fixed
-rate; a member that keeps pace with a slow upstream, or catches up with one that just sped up,
-is not slow itself. Nobody is placed behind a slow member, or behind one fed only by slow
-members; and a member whose every upstream is slow is *moved* (``Placement``, told through its
-``notify``): to one node chosen by the same rule among those that joined before it, dropping the
-slow ones (it hands their chunks in flight to the new one at once). A member placed again
-(it comes back when its upstreams failed) is judged afresh, as is whoever it feeds. The
-policy judges at most every ``JUDGE_EVERY`` s (in O(members), so a seed with thousands of
-members spends little on it), holds no sockets and reads no clock of its own (``clock``), so
-the fleet simulator (``benchmarks/fleet_sim.py``) runs this very class.
+within ``LAG`` s of that one's rate of it, or within its request window): slow relative to the
+others, never by a fixed rate; a member that keeps pace with a slow upstream is not slow itself.
+What follows from it:
+
+- nobody is placed behind a slow member, or behind one fed only by slow members;
+- a member whose every upstream is slow is *moved* (``Placement``, told through its
+  ``notify``) to a node chosen by the same rule among those before it, dropping the slow ones
+  (it hands their chunks in flight to the new one at once); slow members do not count as load,
+  so this is usually the slow one's own upstream, whose uplink it then has nearly to itself;
+- a slow member that feeds nobody, but shares an uplink with one that is not slow, is *set
+  aside*: moved to the end of the order, behind the newest node that feeds nobody, so the
+  little it takes costs the others nothing (from then on it is judged against the median).
+
+A member placed again (its upstreams failed) is judged afresh, as is whoever it feeds. The
+policy judges at most every ``JUDGE_EVERY`` s, holds no sockets and reads no clock of its own
+(``clock``), so the fleet simulator (``benchmarks/fleet_sim.py``) runs this very class.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import logging
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from netloader import events
+from netloader.server.members import SELF, Member, Placement
 
 log = logging.getLogger("netloader.server")
 
@@ -48,13 +56,8 @@ FANOUT = 2
 #: Members this server tracks; beyond it, clients are served directly, not placed. Each is an
 #: open connection and a few hundred bytes here.
 MAX_MEMBERS = 4096
-SELF = ""  # a member's upstream when it pulls from this server itself
 #: A member receiving at under this fraction of the pace of what feeds it is slow.
 SLOW = 0.5
-#: A member's rate is its progress over the last ``RATE_WINDOW`` s of reports, and counts once
-#: they span ``MIN_SPAN`` s while it receives (report times jitter on a loaded host).
-RATE_WINDOW = 3.0
-MIN_SPAN = 0.5
 #: A member within this many seconds (at its upstream's rate) of an upstream's progress, or
 #: within ``WINDOW_CHUNKS`` chunks of it (what its streams have asked for: a relay deep in a
 #: chain that is just starting has a low rate and holds little), is waiting for it, not slow.
@@ -64,81 +67,6 @@ WINDOW_CHUNKS = 4
 MAX_MOVES = 3
 #: Seconds between two judgements of who is slow (reports in between only update rates).
 JUDGE_EVERY = 0.25
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a client should pull from: this server (``here``), and/or ``peers``; a move also
-    names the upstreams to ``drop``."""
-
-    here: bool
-    peers: tuple[str, ...] = ()
-    drop: tuple[str, ...] = ()
-
-
-@dataclass
-class Member:
-    address: str
-    seq: int
-    upstreams: list[str] = field(default_factory=lambda: [SELF])
-    holds: bool = False
-    connections: int = 0
-    #: Bytes it held at its last report; its reports (time, bytes) while receiving.
-    held: int = 0
-    reports: deque[tuple[float, int]] = field(default_factory=deque)
-    ramping: bool = False  # its rate was forgotten and it has received nothing since
-    moves: int = 0
-    #: Upstreams it was moved away from: never given again (its board retired them).
-    dropped: set[str] = field(default_factory=set)
-    #: Tells the member where else to pull from (a member placed behind peers); None: cannot.
-    notify: Callable[[Placement], None] | None = None
-    #: Bytes sent to it so far, read by this server itself (a member it serves directly).
-    meter: Callable[[], int] | None = None
-
-    @property
-    def upstream(self) -> str:
-        """The upstream it was placed behind first."""
-        return self.upstreams[0]
-
-    def sample(self, held: int, now: float) -> None:
-        """It holds ``held`` bytes at ``now``."""
-        if self.ramping and held == self.held:
-            return  # just moved: it has received nothing from its new upstream yet
-        self.ramping = False
-        self.held = held
-        self.reports.append((now, held))
-        while len(self.reports) > 2 and self.reports[1][0] <= now - RATE_WINDOW:
-            self.reports.popleft()
-
-    def forget_rate(self) -> None:
-        """Judge it afresh from its next report that shows it receiving (a move, or being
-        placed again, takes a moment before the first chunk comes)."""
-        self.reports.clear()
-        self.ramping = True
-
-    def held_when(self, when: float) -> float:
-        """What it held at ``when``: between two of its reports, read off the line joining
-        them; after its last, going on at its rate. Reports arrive at their own moments, so a
-        member is compared with its upstream at the moment of the member's own last report."""
-        reports = self.reports
-        if not reports or when <= reports[0][0]:
-            return self.held
-        for (t0, h0), (t1, h1) in itertools.pairwise(reports):
-            if t0 <= when <= t1:
-                return h0 + (h1 - h0) * (when - t0) / (t1 - t0) if t1 > t0 else h1
-        return self.held + (self.rate or 0.0) * (when - reports[-1][0])
-
-    @property
-    def rate(self) -> float | None:
-        """Bytes per second over its recent reports, once they span MIN_SPAN s."""
-        if len(self.reports) < 2:
-            return None
-        (t0, h0), (t1, h1) = self.reports[0], self.reports[-1]
-        return (h1 - h0) / (t1 - t0) if t1 - t0 >= MIN_SPAN else None
-
-    @property
-    def measured(self) -> bool:
-        return not self.holds and self.rate is not None
 
 
 class Relays:
@@ -266,6 +194,9 @@ class Relays:
         """Receiving at under SLOW times the pace of what feeds it, and not merely waiting for
         an upstream member it keeps up with (within LAG s of that one's progress, as when
         the upstream has just sped up)."""
+        if member.aside and not member.holds:
+            median = self._pace(SELF, member)
+            return median is None or member.rate is None or member.rate < SLOW * median
         if not member.measured:
             return False
         paces = [p for u in member.upstreams if (p := self._pace(u, member)) is not None]
@@ -307,7 +238,44 @@ class Relays:
                 ", ".join(dropped),
             )
             moves.append((member, replace(_placement(choice), drop=dropped)))
+        return moves + self._set_aside()
+
+    def _set_aside(self) -> list[tuple[Member, Placement]]:
+        """Each slow member that feeds nobody (any more) but shares an uplink with a member
+        that is not slow is moved to the end of the order, behind a node whose uplink nobody
+        else needs (the newest one feeding nobody that is not slow): the little it takes
+        then costs the others nothing. Never to this server."""
+        moves = []
+        for member in self._sorted():
+            if member.holds or member.notify is None or member.moves >= MAX_MOVES:
+                continue
+            if member.aside or not self._is_slow(member):
+                continue
+            if self._feeds(member.address) or not any(
+                self._feeds(u, member) for u in member.upstreams
+            ):
+                continue
+            member.seq = next(self._seq)
+            avoid = set(member.upstreams) | member.dropped
+            choice = self._choose(member, avoid, newest=True)
+            if choice == SELF or self._feeds(choice, besides=member):
+                continue  # no uplink free enough: it stays (its new place harms nobody)
+            dropped = tuple(u for u in member.upstreams if u != SELF)
+            member.dropped.update(dropped)
+            member.upstreams = [choice]
+            member.moves += 1
+            member.aside = True
+            log.info("setting slow %s aside: it pulls from %s now", member.address, choice)
+            moves.append((member, Placement(here=False, peers=(choice,), drop=dropped)))
         return moves
+
+    def _feeds(self, node: str, besides: Member | None = None) -> bool:
+        """Whether a member still pulling, and not slow, pulls from ``node``."""
+        return any(
+            node in m.upstreams and not m.holds and not self._is_slow(m)
+            for m in self._members.values()
+            if m is not besides and m.address != node
+        )
 
     def _judged_afresh(self, member: Member) -> None:
         """``member``, and whoever it feeds, are judged afresh: their pace is about to change."""
@@ -317,10 +285,12 @@ class Relays:
 
     def _choose(self, member: Member, avoid: set[str], newest: bool = False) -> str:
         """The upstream for ``member``: the newest earlier node feeding nobody, else the oldest
-        (``newest``: the newest, for a move: the nearest, whose uplink a slow member left
-        mostly free) feeding fewer than FANOUT, else this server; never a slow member or one
-        fed only by slow ones. Only members still pulling count as load: a node's uplink is
-        free again once its downstream holds the model."""
+        (``newest``: the newest, for a move) feeding fewer than FANOUT, else this server; never
+        a slow member or one fed only by slow ones. Only members still pulling, and not slow,
+        count as load: a node's uplink is free again once its downstream holds the model, and
+        mostly free while it feeds only slow ones (so a member moved off a slow one goes to
+        that one's upstream, whose uplink it then has nearly to itself, and no fast flow is
+        halved by the move)."""
         ahead = [
             m.address
             for m in self._sorted()
@@ -333,7 +303,7 @@ class Relays:
         load = Counter(
             u
             for m in self._members.values()
-            if m is not member and not m.holds
+            if m is not member and not m.holds and not self._is_slow(m)
             for u in m.upstreams
             if u in nodes
         )
