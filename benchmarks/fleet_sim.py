@@ -10,7 +10,7 @@ it models itself: each host's symmetric link (uplink and downlink shared equally
 using it at that moment), a one-way latency before a relay may forward a chunk it verified,
 ``STREAMS`` streams per source each with ``WINDOW`` requests outstanding and answered in order
 (a stream whose first request names a chunk its relay does not hold yet waits, as the real
-server does), relays reporting progress every 0.25 s, moves (new sources, and the slow ones
+server does), relays reporting progress every 0.5 s, moves (new sources, and the slow ones
 dropped: their chunks in flight go back to the board), relays joining over time, slow hosts
 and hosts dying mid-transfer (whoever pulled from a dead one releases its chunks, and with no
 source left asks to be placed again, avoiding it). Not modelled: TCP dynamics, CPU, process
@@ -38,7 +38,7 @@ from netloader.server.relays import Placement, Relays
 SEED = "seed"
 STREAMS = 2  # streams per source (the default), each bringing one chunk at a time
 WINDOW = 2  # requests outstanding per stream (transport.chunks.WINDOW), answered in order
-REPORT_EVERY = 0.25  # client.relay.REPORT_EVERY
+REPORT_EVERY = 0.5  # client.relay.REPORT_EVERY
 CHUNK = 4 << 20  # the default; --chunk-size
 FILL_ROUNDS = 3  # rounds of water filling per step
 PULL_SECONDS = re.compile(r"pulled \d+ bytes in ([\d.]+) s")
@@ -72,7 +72,7 @@ class Fleet:
     relays: Relays = field(init=False)
 
     def __post_init__(self) -> None:
-        self.relays = Relays("sim", lambda: self.now, self.chunk, self.size)
+        self.relays = Relays("sim", clock=lambda: self.now, chunk_bytes=self.chunk)
         self.chunks = -(-self.size // self.chunk)
 
     def chunk_bytes(self, index: int) -> int:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("netloader.client")
 
-REPORT_EVERY = 0.25  # seconds between a relay's progress reports to the source that placed it
+REPORT_EVERY = 0.5  # seconds between a relay's progress reports to the source that placed it
 
 
 class Relaying:

@@ -109,7 +109,6 @@ class ServedModel:
     def _install(self, snapshot: Snapshot) -> None:
         self.snapshot = self.integrity.snapshot = snapshot
         self.relays.chunk_bytes = snapshot.plan.chunk_size
-        self.relays.model_bytes = snapshot.plan.total_bytes
         self._settled.set()
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import threading
 import time
 from collections import Counter
@@ -46,7 +47,6 @@ from dataclasses import replace
 
 from netloader import events
 from netloader.server.members import SELF, Member, Placement
-from netloader.server.slowness import Slowness
 
 log = logging.getLogger("netloader.server")
 
@@ -56,11 +56,15 @@ FANOUT = 2
 #: Members this server tracks; beyond it, clients are served directly, not placed. Each is an
 #: open connection and a few hundred bytes here.
 MAX_MEMBERS = 4096
-#: What a slow member pulling from a node counts for in its load (one that is not: 1): it
-#: takes little of the uplink, but many of them take much.
-SLOW_LOAD = 0.25
+#: A member receiving at under this fraction of the pace of what feeds it is slow.
+SLOW = 0.5
+#: A member within this many seconds (at its upstream's rate) of an upstream's progress, or
+#: within ``WINDOW_CHUNKS`` chunks of it (what its streams have asked for: a relay deep in a
+#: chain that is just starting has a low rate and holds little), is waiting for it, not slow.
+LAG = 1.0
+WINDOW_CHUNKS = 4
 #: Times one member is moved at most.
-MAX_MOVES = 6
+MAX_MOVES = 3
 #: Seconds between two judgements of who is slow (reports in between only update rates).
 JUDGE_EVERY = 0.25
 
@@ -69,22 +73,17 @@ class Relays:
     """The members of one served model, and the placement of each new one."""
 
     def __init__(
-        self,
-        model: str = "",
-        clock: Callable[[], float] = time.monotonic,
-        chunk_bytes: int = 0,
-        model_bytes: int = 0,
+        self, model: str = "", clock: Callable[[], float] = time.monotonic, chunk_bytes: int = 0
     ) -> None:
         self.model = model
         self.clock = clock
-        self.model_bytes = model_bytes
+        self.chunk_bytes = chunk_bytes  # of the model served (set once it is)
         self._members: dict[str, Member] = {}
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on every change
         self._judged = float("-inf")  # when slowness was last judged
-        self._slow = Slowness(self._members)
-        self.chunk_bytes = chunk_bytes
+        self._seed_pace: dict[int, float | None] = {}  # per judgement: member seq -> pace
 
     def join(self, address: str, avoid: list[str]) -> Placement:
         """Register the relay at ``address`` (again, if it comes back) and place it."""
@@ -99,8 +98,8 @@ class Relays:
                 self._judged_afresh(member)  # placed again: its upstreams failed
             member.connections += 1
             self._changed.notify_all()
-            self._slow.reset()
-            member.upstreams = [self._choose(member, set(avoid) | member.dropped) or SELF]
+            self._seed_pace.clear()
+            member.upstreams = [self._choose(member, set(avoid) | member.dropped)]
             return _placement(member.upstream)
 
     def watch(
@@ -121,15 +120,15 @@ class Relays:
         are all slow now (telling each through its ``notify``); returns the moves made."""
         with self._lock:
             now = self.clock()
+            for m in self._members.values():
+                if m.meter is not None and m.address != address:
+                    m.sample(m.meter(), now)
             if address in self._members:
                 self._members[address].sample(held, now)
             if now - self._judged < JUDGE_EVERY:
-                return []  # a report costs O(1); a judgement O(members)
+                return []
             self._judged = now
-            for m in self._members.values():  # those served here, read here
-                if m.meter is not None and m.address != address:
-                    m.sample(m.meter(), now)
-            self._slow.reset()
+            self._seed_pace.clear()
             moves = self._moves()
         for member, placement in moves:
             if member.notify is not None:
@@ -161,8 +160,8 @@ class Relays:
     def slow(self) -> list[str]:
         """The members slow right now, in the order they joined."""
         with self._lock:
-            self._slow.reset()
-            return [m.address for m in self._sorted() if self._slow.is_slow(m)]
+            self._seed_pace.clear()
+            return [m.address for m in self._sorted() if self._is_slow(m)]
 
     def wait_for(self, settled: Callable[[list[Member]], bool], timeout: float) -> list[Member]:
         """The members once ``settled(members)`` holds, or as they are after ``timeout`` s.
@@ -177,6 +176,44 @@ class Relays:
 
     # --- the policy (under the lock) ------------------------------------------------------
 
+    def _pace(self, node: str, besides: Member) -> float | None:
+        """How fast ``node`` can feed: a member, the rate it received at (while it pulled);
+        this server, the median rate of the members pulling, other than ``besides``."""
+        member = self._members.get(node)
+        if member is not None:
+            return member.rate
+        if besides.seq not in self._seed_pace:  # once per member and judgement
+            self._seed_pace[besides.seq] = self._median_besides(besides)
+        return self._seed_pace[besides.seq]
+
+    def _median_besides(self, besides: Member) -> float | None:
+        rates = [m.rate for m in self._members.values() if m is not besides and m.measured]
+        return statistics.median(rates) if rates else None  # type: ignore[type-var]
+
+    def _is_slow(self, member: Member) -> bool:
+        """Receiving at under SLOW times the pace of what feeds it, and not merely waiting for
+        an upstream member it keeps up with (within LAG s of that one's progress, as when
+        the upstream has just sped up)."""
+        if member.aside and not member.holds:
+            median = self._pace(SELF, member)
+            return median is None or member.rate is None or member.rate < SLOW * median
+        if not member.measured:
+            return False
+        paces = [p for u in member.upstreams if (p := self._pace(u, member)) is not None]
+        if not paces or member.rate >= SLOW * max(paces):  # type: ignore[operator]
+            return False
+        ahead = [self._members[u] for u in member.upstreams if u in self._members]
+        when, window = member.reports[-1][0], WINDOW_CHUNKS * self.chunk_bytes
+        return not any(
+            u.rate is not None and u.held_when(when) - member.held < max(LAG * u.rate, window)
+            for u in ahead
+            if not u.holds
+        )
+
+    def _starved(self, member: Member) -> bool:
+        """Every upstream of ``member`` is a slow member."""
+        return all(u in self._members and self._is_slow(self._members[u]) for u in member.upstreams)
+
     def _moves(self) -> list[tuple[Member, Placement]]:
         """A new upstream, instead of its slow ones, for each member (that can be told) whose
         upstreams are all slow."""
@@ -184,10 +221,10 @@ class Relays:
         for member in self._sorted():
             if member.holds or member.notify is None or member.moves >= MAX_MOVES:
                 continue
-            if not self._slow.starved(member):
+            if not self._starved(member):
                 continue
-            choice = self._choose(member, set(member.upstreams) | member.dropped, move=True)
-            if choice is None or choice in member.upstreams:
+            choice = self._choose(member, set(member.upstreams) | member.dropped, newest=True)
+            if choice in member.upstreams:
                 continue
             dropped = tuple(u for u in member.upstreams if u != SELF)
             member.dropped.update(dropped)
@@ -212,7 +249,7 @@ class Relays:
         for member in self._sorted():
             if member.holds or member.notify is None or member.moves >= MAX_MOVES:
                 continue
-            if member.aside or not self._slow.is_slow(member):
+            if member.aside or not self._is_slow(member):
                 continue
             if self._feeds(member.address) or not any(
                 self._feeds(u, member) for u in member.upstreams
@@ -220,8 +257,8 @@ class Relays:
                 continue
             member.seq = next(self._seq)
             avoid = set(member.upstreams) | member.dropped
-            choice = self._choose(member, avoid, move=True)
-            if choice is None or choice == SELF or self._feeds(choice, besides=member):
+            choice = self._choose(member, avoid, newest=True)
+            if choice == SELF or self._feeds(choice, besides=member):
                 continue  # no uplink free enough: it stays (its new place harms nobody)
             dropped = tuple(u for u in member.upstreams if u != SELF)
             member.dropped.update(dropped)
@@ -235,7 +272,7 @@ class Relays:
     def _feeds(self, node: str, besides: Member | None = None) -> bool:
         """Whether a member still pulling, and not slow, pulls from ``node``."""
         return any(
-            node in m.upstreams and not m.holds and not self._slow.is_slow(m)
+            node in m.upstreams and not m.holds and not self._is_slow(m)
             for m in self._members.values()
             if m is not besides and m.address != node
         )
@@ -246,62 +283,37 @@ class Relays:
             if m is member or member.address in m.upstreams:
                 m.forget_rate()
 
-    def _choose(self, member: Member, avoid: set[str], move: bool = False) -> str | None:
+    def _choose(self, member: Member, avoid: set[str], newest: bool = False) -> str:
         """The upstream for ``member``: the newest earlier node feeding nobody, else the oldest
-        (for a ``move``: the newest) feeding fewer than FANOUT, else this server (for a move:
-        None, it stays where it is rather than crowd an uplink further); never
+        (``newest``: the newest, for a move) feeding fewer than FANOUT, else this server; never
         a slow member or one fed only by slow ones. Only members still pulling, and not slow,
         count as load: a node's uplink is free again once its downstream holds the model, and
-        mostly free while it feeds one slow one (so a member moved off a slow one goes to that
-        one's upstream, whose uplink it then has nearly to itself, and no fast flow is halved
-        by the move); each slow one counts ``SLOW_LOAD``."""
+        mostly free while it feeds only slow ones (so a member moved off a slow one goes to
+        that one's upstream, whose uplink it then has nearly to itself, and no fast flow is
+        halved by the move)."""
         ahead = [
             m.address
             for m in self._sorted()
             if m.seq < member.seq
             and m.address not in avoid
-            and not self._slow.is_slow(m)
-            and not self._slow.starved(m)
+            and not self._is_slow(m)
+            and not self._starved(m)
         ]
-        depth = self._depths()
-        nodes = [n for n in [SELF, *ahead] if depth[n] < self.max_depth]
-        load: Counter[str] = Counter()
-        for m in self._members.values():
-            if m is not member and not m.holds:
-                for u in m.upstreams:
-                    load[u] += SLOW_LOAD if self._slow.is_slow(m) else 1
-        idle = [n for n in nodes if load[n] < 2 * SLOW_LOAD]  # at most one slow one
+        nodes = [SELF, *ahead]
+        load = Counter(
+            u
+            for m in self._members.values()
+            if m is not member and not m.holds and not self._is_slow(m)
+            for u in m.upstreams
+            if u in nodes
+        )
+        idle = [n for n in nodes if load[n] == 0]
         if idle:
             return idle[-1]
         roomy = [n for n in nodes if load[n] < FANOUT]
         if not roomy:
-            return None if move else SELF
-        return roomy[-1] if move else roomy[0]
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Of the model served (set once it is)."""
-        return self._slow.chunk_bytes
-
-    @chunk_bytes.setter
-    def chunk_bytes(self, value: int) -> None:
-        self._slow.chunk_bytes = value
-
-    @property
-    def max_depth(self) -> int:
-        """Hops from this server a member may be placed at: each hop delays what is behind it
-        by about two chunks (a relay forwards a chunk once it holds it whole), so a chain
-        deeper than half the model's chunks costs more than halving its rates (a tree) does."""
-        if not self.chunk_bytes or not self.model_bytes:
-            return MAX_MEMBERS
-        return max(2, self.model_bytes // (2 * self.chunk_bytes))
-
-    def _depths(self) -> dict[str, int]:
-        """Hops from this server to each node (along its nearest upstream)."""
-        depth = {SELF: 0}
-        for m in self._sorted():  # upstreams come first in the order
-            depth[m.address] = 1 + min((depth.get(u, 0) for u in m.upstreams), default=0)
-        return depth
+            return SELF
+        return roomy[-1] if newest else roomy[0]
 
 
 def _placement(upstream: str) -> Placement:
