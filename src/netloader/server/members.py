@@ -36,7 +36,8 @@ class Member:
     upstreams: list[str] = field(default_factory=lambda: [SELF])
     holds: bool = False
     connections: int = 0
-    #: Bytes it held at its last report; its reports (time, bytes) while receiving.
+    #: Bytes it held at its last report; its reports (time, bytes) since its first (or since
+    #: it was judged afresh and received again).
     held: int = 0
     reports: deque[tuple[float, int]] = field(default_factory=deque)
     ramping: bool = False  # its rate was forgotten and it has received nothing since
