@@ -87,9 +87,9 @@ def test_a_client_naming_two_seeds_takes_chunks_from_both(model, logs, seeds, pl
     finally:
         inst.stop()
     phase = only_phase(inst)
-    shares = dict(re.findall(r"(\S+:\d+) \(([\d.]+) GB\)", phase.path))
+    shares = sources_of(phase)
     assert phase.path.startswith("peers ") and set(shares) == set(seeds), phase.path
-    assert all(float(gb) > 0 for gb in shares.values())
+    assert all(gb > 0 for gb in shares.values())
     assert FALLBACK not in inst.log()
 
 
@@ -131,8 +131,18 @@ def test_two_instances_started_together_chain_through_each_other(model, logs, se
         for inst in pair:
             inst.stop()
     assert outputs == [plain, plain]
-    froms = [only_phase(inst).path.removeprefix("peer ") for inst in pair]
-    assert seed in froms, froms
-    first = froms.index(seed)  # the one the seed served itself...
-    assert froms[1 - first] == addresses[first], froms  # ...served the other
+    shares = [sources_of(only_phase(inst)) for inst in pair]
+    assert {seed} in [set(s) for s in shares], shares
+    first = [set(s) for s in shares].index({seed})  # the one the seed served itself...
+    other = shares[1 - first]
+    # ...served the other, alone or beside the seed (a relay found slow while vLLM loads on
+    # these 2 cores hands its clients' remaining chunks to the seed: issue 18)
+    assert other.get(addresses[first], 0) > 0 and set(other) <= {seed, addresses[first]}, shares
     assert all(FALLBACK not in inst.log() for inst in pair)
+
+
+def sources_of(phase: WeightsPhase) -> dict[str, float]:
+    """{address: GB} from "peer A" or "peers A (x GB), B (y GB)"."""
+    if not phase.path.startswith("peers "):
+        return {phase.path.removeprefix("peer "): 1.0}
+    return {a: float(gb) for a, gb in re.findall(r"(\S+:\d+) \(([\d.]+) GB\)", phase.path)}
