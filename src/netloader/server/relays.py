@@ -79,6 +79,7 @@ class Relays:
         self.clock = clock
         self.chunk_bytes = chunk_bytes  # of the model served (set once it is)
         self._members: dict[str, Member] = {}
+        self._metered: dict[str, Member] = {}  # members served here, whose meter it reads
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on every change
@@ -114,14 +115,17 @@ class Relays:
             member = self._members.get(address)
             if member is not None:
                 member.notify, member.meter = notify, meter
+                self._metered.pop(address, None)
+                if meter is not None:
+                    self._metered[address] = member
 
     def progress(self, address: str, held: int) -> list[tuple[str, Placement]]:
         """The member at ``address`` holds ``held`` bytes. Moves every member whose upstreams
         are all slow now (telling each through its ``notify``); returns the moves made."""
         with self._lock:
             now = self.clock()
-            for m in self._members.values():
-                if m.meter is not None and m.address != address:
+            for m in self._metered.values():  # usually a few: not O(members) per report
+                if m.address != address:
                     m.sample(m.meter(), now)
             if address in self._members:
                 self._members[address].sample(held, now)
@@ -150,6 +154,7 @@ class Relays:
                 member.connections -= 1
                 if member.connections <= 0:
                     del self._members[address]
+                    self._metered.pop(address, None)
                     events.emit(events.RelayLeft(self.model, address))
                 self._changed.notify_all()
 
