@@ -203,6 +203,27 @@ def test_a_member_placed_again_is_judged_afresh():
     assert relays.slow() == [] and told == []
 
 
+def test_a_member_placed_again_here_is_measured_by_its_own_reports():
+    """b came back after its upstream died and is served by the seed now, which meters what it
+    sends b in the new session (from 0); b still reports how much it holds (its first
+    connection stays open). Its reports alone measure it, so fast b is not slow and c behind
+    it is not moved (a meter sampled between b's reports once made b's rate negative)."""
+    relays, clock, (a, b, c), told = fleet(3)
+    e = "10.0.0.9:1"
+    relays.join(e, [a, b, c])
+    report(relays, clock, dict.fromkeys([a, b, c, e], 25e6), 2)
+    relays.leave(a)
+    assert relays.join(b, [a]) == Placement(here=True)
+    since, held, moves = clock.now, {m.address: m.held for m in relays.members()}, []
+    relays.watch(b, meter=lambda: int((clock.now - since) * 25e6))
+    for step in range(1, 9):  # c and e report every 0.5 s, b every second
+        clock.now += 0.5
+        for name in (b, c, e) if step % 2 else (c, e):
+            held[name] += int(25e6 * (1 if name == b else 0.5))
+            moves += relays.progress(name, held[name])
+    assert moves == [] and relays.slow() == [] and told == []
+
+
 def test_nobody_new_is_placed_behind_a_slow_member():
     relays, clock, (a, b, c), _ = fleet(3)
     report(relays, clock, {a: 25e6, b: 2.5e6, c: 2.5e6}, 3)  # c is moved at the third

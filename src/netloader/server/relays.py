@@ -116,7 +116,7 @@ class Relays:
             if member is not None:
                 member.notify, member.meter = notify, meter
                 self._metered.pop(address, None)
-                if meter is not None:
+                if meter is not None and not member.held:  # one that holds some reports it
                     self._metered[address] = member
 
     def progress(self, address: str, held: int) -> list[tuple[str, Placement]]:
@@ -124,11 +124,11 @@ class Relays:
         are all slow now (telling each through its ``notify``); returns the moves made."""
         with self._lock:
             now = self.clock()
+            if address in self._members:  # its reports alone measure it: a meter counts
+                self._members[address].sample(held, now)  # from 0 in a later session
+                self._metered.pop(address, None)
             for m in self._metered.values():  # usually a few: not O(members) per report
-                if m.address != address:
-                    m.sample(m.meter(), now)
-            if address in self._members:
-                self._members[address].sample(held, now)
+                m.sample(m.meter(), now)
             if now - self._judged < JUDGE_EVERY:
                 return []
             self._judged = now
