@@ -142,7 +142,8 @@ def test_two_instances_started_together_chain_through_each_other(model, logs, se
 
 
 def sources_of(phase: WeightsPhase) -> dict[str, float]:
-    """{address: GB} from "peer A" or "peers A (x GB), B (y GB)"."""
+    """{address: GB} from "peers A (x GB), B (y GB)"; from "peer A", {A: 1.0} (one source:
+    the log names no share)."""
     if not phase.path.startswith("peers "):
         return {phase.path.removeprefix("peer "): 1.0}
     return {a: float(gb) for a, gb in re.findall(r"(\S+:\d+) \(([\d.]+) GB\)", phase.path)}
