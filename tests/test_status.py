@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import RawClient, all_cases, in_process_server
+from helpers import RawClient, all_cases, in_process_server, wait_for
 
 from netloader import Identity, Refused, Server, pull
 from netloader.client import status
@@ -16,6 +16,12 @@ from netloader.protocol import PROTOCOL_VERSION, Refuse, StatusReply, StatusRequ
 NETLOADER = [sys.executable, "-m", "netloader"]
 IDENT = Identity("test-model")
 TOKEN = b"status-test-shared-secret-0123456789"
+
+
+def counted(address: str) -> tuple[int, int]:
+    """The transfers verified and bytes served of the one model at ``address``."""
+    (model,) = status(address, token=TOKEN)["models"]
+    return model["transfers_verified"], model["bytes_served"]
 
 
 def test_status_reports_models_bytes_relays_and_refusals_by_code(tmp_path):
@@ -29,6 +35,8 @@ def test_status_reports_models_bytes_relays_and_refusals_by_code(tmp_path):
                 pull(seed.address, Identity("another-model"), token=TOKEN)
         with Server(None, IDENT, token=TOKEN).start() as relay:
             pull(seed.address, IDENT, token=TOKEN, relay=relay)
+            # The seed counts a transfer once it heard the client's verdict, just after the pull.
+            wait_for(lambda: counted(seed.address) == (2, 2 * size), 10, "both transfers counted")
             found = status(seed.address, token=TOKEN)
             token_file = tmp_path / "token"
             token_file.write_bytes(TOKEN)
