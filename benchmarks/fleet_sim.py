@@ -17,7 +17,8 @@ source left asks to be placed again, avoiding it). Not modelled: TCP dynamics, C
 start-up.
 
 Two policies, side by side: ``old`` (one upstream, no progress reports, no endgame copies: the
-code before issue 18) and ``new`` (progress reports, moves, endgame copies).
+code before issue 18) and ``new`` (progress reports, moves, endgame copies, chains of bounded
+depth).
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ class Fleet:
     relays: Relays = field(init=False)
 
     def __post_init__(self) -> None:
-        self.relays = Relays("sim", clock=lambda: self.now, chunk_bytes=self.chunk)
+        self.relays = Relays("sim", clock=lambda: self.now)
         self.chunks = -(-self.size // self.chunk)
+        if self.new:  # the old policy knew no chunk size, nor bounded a chain's depth
+            self.relays.serves(self.chunk, self.chunks)
 
     def chunk_bytes(self, index: int) -> int:
         return min(self.chunk, self.size - index * self.chunk)

@@ -260,6 +260,19 @@ def test_a_member_behind_a_slow_first_one_is_moved_to_the_seed():
     assert len(told) == 2
 
 
+def test_a_chain_grows_no_deeper_than_half_the_models_chunks():
+    """A model of 40 chunks: relays started together chain 20 deep (each hop delays what
+    follows by about two chunks' time); the 21st branches off at the top (the seed), and the
+    22nd follows it there, a second chain."""
+    relays = Relays("m", clock=Clock())
+    relays.serves(4 << 20, 40)
+    names = [f"10.0.1.{i}:1" for i in range(1, 23)]
+    placements = [relays.join(name, []) for name in names]
+    assert [p.peers for p in placements[:20]] == [(), *((n,) for n in names[:19])]
+    assert placements[20] == Placement(here=True)
+    assert placements[21].peers == (names[20],)
+
+
 # --- over real links ----------------------------------------------------------------------
 
 PULLED = re.compile(r"pulled (\d+) bytes in [\d.]+ s \([\d.]+ GB/s\) from (.*) over ")

@@ -108,7 +108,7 @@ class ServedModel:
 
     def _install(self, snapshot: Snapshot) -> None:
         self.snapshot = self.integrity.snapshot = snapshot
-        self.relays.chunk_bytes = snapshot.plan.chunk_size
+        self.relays.serves(snapshot.plan.chunk_size, snapshot.plan.num_chunks)
         self._settled.set()
 
 

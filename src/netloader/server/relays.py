@@ -6,19 +6,16 @@ control connection here stays open it is a *member*: pulling, then holding the w
 relay is sent to the most recent member that feeds nobody yet, so relays started together form
 a chain (seed -> r1 -> r2 -> ...) in which every host's uplink carries the model about once,
 and each relay forwards every chunk as soon as it has verified it. When every member already
-feeds one, the oldest that feeds fewer than ``FANOUT`` takes it (a tree). Members only ever
-pull from nodes before them in an order (the order they joined, but for members set aside),
-so no cycle can form; a member that goes away is forgotten, and whoever pulled from it comes
-back and is placed again.
+feeds one, the oldest that feeds fewer than ``FANOUT`` takes it (a tree). A chain grows no
+deeper than ``max_depth`` hops below a node that holds the model, half the model's chunks: each
+hop delays what follows it by about two chunks' time, so a deeper chain would cost more than
+the model takes to send; beyond it the next relay branches off nearer the top (a tree).
+Members only ever pull from nodes before them in an order (the order they joined, but for
+members set aside), so no cycle can form; a member that goes away is forgotten, and whoever
+pulled from it comes back and is placed again.
 
-Members report how much they hold (``progress``), so each has a smoothed receiving rate,
-counted from its first report (one that has received nothing for ``MIN_SPAN`` s of reports
-while its upstream did is the clearest case of slow). A member is *slow* when it receives at
-under ``SLOW`` times the pace of what feeds it (its fastest upstream; for the seed, the median
-of the other members pulling) and does not merely wait for an upstream still pulling (it is
-within ``LAG`` s of that one's rate of it, or within its request window): slow relative to the
-others, never by a fixed rate; a member that keeps pace with a slow upstream is not slow itself.
-What follows from it:
+Members report how much they hold (``progress``); ``server.slowness`` judges from it which
+are *slow*, relative to what feeds each, never by a fixed rate. What follows from it:
 
 - nobody is placed behind a slow member, or behind one fed only by slow members;
 - a member whose every upstream is slow is *moved* (``Placement``, told through its
@@ -38,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import statistics
+import math
 import threading
 import time
 from collections import Counter
@@ -47,6 +44,7 @@ from dataclasses import replace
 
 from netloader import events
 from netloader.server.members import SELF, Member, Placement
+from netloader.server.slowness import Judge
 
 log = logging.getLogger("netloader.server")
 
@@ -56,15 +54,11 @@ FANOUT = 2
 #: Members this server tracks; beyond it, clients are served directly, not placed. Each is an
 #: open connection and a few hundred bytes here.
 MAX_MEMBERS = 4096
-#: A member receiving at under this fraction of the pace of what feeds it is slow.
-SLOW = 0.5
-#: A member within this many seconds (at its upstream's rate) of an upstream's progress, or
-#: within ``WINDOW_CHUNKS`` chunks of it (what its streams have asked for: a relay deep in a
-#: chain that is just starting has a low rate and holds little), is waiting for it, not slow.
-LAG = 1.0
-WINDOW_CHUNKS = 4
 #: Times one member is moved at most.
 MAX_MOVES = 3
+#: The least ``max_depth``, whatever the model's chunks (a chain of relays that small costs
+#: little even for a model of few chunks).
+MIN_DEPTH = 16
 #: Seconds between two judgements of who is slow (reports in between only update rates).
 JUDGE_EVERY = 0.25
 
@@ -72,19 +66,23 @@ JUDGE_EVERY = 0.25
 class Relays:
     """The members of one served model, and the placement of each new one."""
 
-    def __init__(
-        self, model: str = "", clock: Callable[[], float] = time.monotonic, chunk_bytes: int = 0
-    ) -> None:
+    def __init__(self, model: str = "", clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
         self.clock = clock
-        self.chunk_bytes = chunk_bytes  # of the model served (set once it is)
         self._members: dict[str, Member] = {}
+        self.judge = Judge(self._members)
+        self.max_depth: int | None = None  # hops below a holder; None: not served yet
         self._metered: dict[str, Member] = {}  # members served here, whose meter it reads
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on every change
         self._judged = float("-inf")  # when slowness was last judged
-        self._seed_pace: dict[int, float | None] = {}  # per judgement: member seq -> pace
+
+    def serves(self, chunk_bytes: int, chunks: int) -> None:
+        """The model's chunk size and count, once it is served: slowness and depth use them."""
+        with self._lock:
+            self.judge.chunk_bytes = chunk_bytes
+            self.max_depth = max(MIN_DEPTH, chunks // 2)
 
     def join(self, address: str, avoid: list[str]) -> Placement:
         """Register the relay at ``address`` (again, if it comes back) and place it."""
@@ -99,7 +97,7 @@ class Relays:
                 self._judged_afresh(member)  # placed again: its upstreams failed
             member.connections += 1
             self._changed.notify_all()
-            self._seed_pace.clear()
+            self.judge.afresh()
             member.upstreams = [self._choose(member, set(avoid) | member.dropped)]
             return _placement(member.upstream)
 
@@ -132,7 +130,7 @@ class Relays:
             if now - self._judged < JUDGE_EVERY:
                 return []
             self._judged = now
-            self._seed_pace.clear()
+            self.judge.afresh()
             moves = self._moves()
         for member, placement in moves:
             if member.notify is not None:
@@ -165,8 +163,8 @@ class Relays:
     def slow(self) -> list[str]:
         """The members slow right now, in the order they joined."""
         with self._lock:
-            self._seed_pace.clear()
-            return [m.address for m in self._sorted() if self._is_slow(m)]
+            self.judge.afresh()
+            return [m.address for m in self._sorted() if self.judge.is_slow(m)]
 
     def wait_for(self, settled: Callable[[list[Member]], bool], timeout: float) -> list[Member]:
         """The members once ``settled(members)`` holds, or as they are after ``timeout`` s.
@@ -181,44 +179,6 @@ class Relays:
 
     # --- the policy (under the lock) ------------------------------------------------------
 
-    def _pace(self, node: str, besides: Member) -> float | None:
-        """How fast ``node`` can feed: a member, the rate it received at (while it pulled);
-        this server, the median rate of the members pulling, other than ``besides``."""
-        member = self._members.get(node)
-        if member is not None:
-            return member.rate
-        if besides.seq not in self._seed_pace:  # once per member and judgement
-            self._seed_pace[besides.seq] = self._median_besides(besides)
-        return self._seed_pace[besides.seq]
-
-    def _median_besides(self, besides: Member) -> float | None:
-        rates = [m.rate for m in self._members.values() if m is not besides and m.measured]
-        return statistics.median(rates) if rates else None  # type: ignore[type-var]
-
-    def _is_slow(self, member: Member) -> bool:
-        """Receiving at under SLOW times the pace of what feeds it, and not merely waiting for
-        an upstream member it keeps up with (within LAG s of that one's progress, as when
-        the upstream has just sped up)."""
-        if member.aside and not member.holds:
-            median = self._pace(SELF, member)
-            return median is None or member.rate is None or member.rate < SLOW * median
-        if not member.measured:
-            return False
-        paces = [p for u in member.upstreams if (p := self._pace(u, member)) is not None]
-        if not paces or member.rate >= SLOW * max(paces):  # type: ignore[operator]
-            return False
-        ahead = [self._members[u] for u in member.upstreams if u in self._members]
-        when, window = member.reports[-1][0], WINDOW_CHUNKS * self.chunk_bytes
-        return not any(
-            u.rate is not None and u.held_when(when) - member.held < max(LAG * u.rate, window)
-            for u in ahead
-            if not u.holds
-        )
-
-    def _starved(self, member: Member) -> bool:
-        """Every upstream of ``member`` is a slow member."""
-        return all(u in self._members and self._is_slow(self._members[u]) for u in member.upstreams)
-
     def _moves(self) -> list[tuple[Member, Placement]]:
         """A new upstream, instead of its slow ones, for each member (that can be told) whose
         upstreams are all slow."""
@@ -226,7 +186,7 @@ class Relays:
         for member in self._sorted():
             if member.holds or member.notify is None or member.moves >= MAX_MOVES:
                 continue
-            if not self._starved(member):
+            if not self.judge.starved(member):
                 continue
             choice = self._choose(member, set(member.upstreams) | member.dropped, newest=True)
             if choice in member.upstreams:
@@ -254,7 +214,7 @@ class Relays:
         for member in self._sorted():
             if member.holds or member.notify is None or member.moves >= MAX_MOVES:
                 continue
-            if member.aside or not self._is_slow(member):
+            if member.aside or not self.judge.is_slow(member):
                 continue
             if self._feeds(member.address) or not any(
                 self._feeds(u, member) for u in member.upstreams
@@ -277,7 +237,7 @@ class Relays:
     def _feeds(self, node: str, besides: Member | None = None) -> bool:
         """Whether a member still pulling, and not slow, pulls from ``node``."""
         return any(
-            node in m.upstreams and not m.holds and not self._is_slow(m)
+            node in m.upstreams and not m.holds and not self.judge.is_slow(m)
             for m in self._members.values()
             if m is not besides and m.address != node
         )
@@ -296,19 +256,21 @@ class Relays:
         mostly free while it feeds only slow ones (so a member moved off a slow one goes to
         that one's upstream, whose uplink it then has nearly to itself, and no fast flow is
         halved by the move)."""
+        depth, deepest = self._depths(), self.max_depth or math.inf
         ahead = [
             m.address
             for m in self._sorted()
             if m.seq < member.seq
+            and depth[m.address] < deepest
             and m.address not in avoid
-            and not self._is_slow(m)
-            and not self._starved(m)
+            and not self.judge.is_slow(m)
+            and not self.judge.starved(m)
         ]
         nodes = [SELF, *ahead]
         load = Counter(
             u
             for m in self._members.values()
-            if m is not member and not m.holds and not self._is_slow(m)
+            if m is not member and not m.holds and not self.judge.is_slow(m)
             for u in m.upstreams
             if u in nodes
         )
@@ -319,6 +281,14 @@ class Relays:
         if not roomy:
             return SELF
         return roomy[-1] if newest else roomy[0]
+
+    def _depths(self) -> dict[str, int]:
+        """Hops from a node that holds the model (this server, or a member that holds it) to
+        each member, along its nearest upstream (an upstream always comes earlier)."""
+        depth = {SELF: 0}
+        for m in self._sorted():
+            depth[m.address] = 0 if m.holds else 1 + min(depth.get(u, 0) for u in m.upstreams)
+        return depth
 
 
 def _placement(upstream: str) -> Placement:
