@@ -17,6 +17,7 @@ from helpers import assert_same
 from netbed_fixtures import SHARE, bed_checkpoint
 
 from netloader.board import PATIENCE, Board
+from netloader.server import relays as relays_module
 from netloader.server.relays import SELF, Placement, Relays
 from netloader_testing.netbed import NetBed
 
@@ -271,6 +272,53 @@ def test_a_chain_grows_no_deeper_than_half_the_models_chunks():
     assert [p.peers for p in placements[:20]] == [(), *((n,) for n in names[:19])]
     assert placements[20] == Placement(here=True)
     assert placements[21].peers == (names[20],)
+
+
+def test_two_members_behind_one_uplink_are_judged_by_their_share_of_it(monkeypatch):
+    """seed -> a -> (b, e), seed -> c -> d (chains of 2 at most): b and e each take a little
+    under half of a's rate, their share of a's uplink; neither is slow, nobody moves."""
+    monkeypatch.setattr(relays_module, "MIN_DEPTH", 1)
+    clock = Clock()
+    relays = Relays("m", clock=clock)
+    relays.serves(4 << 20, 4)  # chains 2 deep at most
+    a, b, c, d, e = (f"10.0.2.{i}:1" for i in range(1, 6))
+    told: list[Placement] = []
+    for name in (a, b, c, d, e):
+        relays.join(name, [])
+        relays.watch(name, notify=told.append)
+    upstreams = {m.address: m.upstreams for m in relays.members()}
+    assert upstreams == {a: [SELF], b: [a], c: [SELF], d: [c], e: [a]}
+    rates = {a: 25e6, b: 11e6, c: 25e6, d: 25e6, e: 11e6}
+    assert report(relays, clock, rates, 4) == []
+    assert relays.slow() == [] and told == []
+
+
+def test_no_progress_is_judged_only_once_a_chunk_was_due():
+    """b receives nothing while a, far ahead, receives at 25 MB/s: with 20 MB chunks, half
+    of a's pace brings b a chunk in 1.6 s, so b is not slow after 1 s of reports, and is
+    after 2 s."""
+    relays, clock, (a, b), _ = fleet(2)
+    relays.serves(20_000_000, 64)
+    relays.progress(a, 300_000_000)  # a head start: b is not merely waiting for a
+    relays.progress(b, 0)
+    report(relays, clock, {a: 25e6, b: 0}, 1)
+    assert relays.slow() == []
+    report(relays, clock, {a: 25e6, b: 0}, 1)
+    assert relays.slow() == [b]
+
+
+def test_a_straggler_is_judged_against_those_that_finished():
+    """a -> b -> c took the model at 25 MB/s and hold it; e, fed by the seed, takes 2.5 MB/s.
+    Nobody else pulls now, but e is slow against the others' last rates, so a newcomer is
+    placed behind c, not e."""
+    relays, clock, (a, b, c), _ = fleet(3)
+    e = "10.0.0.9:1"
+    relays.join(e, [a, b, c])
+    report(relays, clock, {a: 25e6, b: 25e6, c: 25e6, e: 2.5e6}, 3)
+    for name in (a, b, c):
+        relays.holds(name)
+    assert relays.slow() == [e]
+    assert relays.join("10.0.0.10:1", []).peers == (c,)
 
 
 # --- over real links ----------------------------------------------------------------------
