@@ -321,6 +321,18 @@ def test_a_straggler_is_judged_against_those_that_finished():
     assert relays.join("10.0.0.10:1", []).peers == (c,)
 
 
+
+def test_members_that_received_nothing_yet_say_nothing_of_the_seeds_pace():
+    """seed -> a -> b -> c -> d is starting: a takes 25 MB/s, b, c and d wait (nothing yet,
+    b within its request window of a). e, fed by the seed, takes 2.5 MB/s: slow against a,
+    the only one receiving, whatever the three waiting ones."""
+    relays, clock, (a, b, c, d), _ = fleet(4)
+    relays.serves(20_000_000, 64)
+    e = "10.0.0.9:1"
+    relays.join(e, [a, b, c, d])
+    report(relays, clock, {a: 25e6, b: 0, c: 0, d: 0, e: 2.5e6}, 3)
+    assert relays.slow() == [e]
+
 # --- over real links ----------------------------------------------------------------------
 
 PULLED = re.compile(r"pulled (\d+) bytes in [\d.]+ s \([\d.]+ GB/s\) from (.*) over ")

@@ -10,7 +10,9 @@ window); a member that keeps pace with a slow upstream is not slow itself. Its s
 - of a member, that member's rate over the members it feeds (two relays behind one uplink
   get half of it each, and neither is slow for that);
 - of the seed, the median rate of the other members, those that hold the model at their
-  last (once most of a fleet holds it, the few still pulling are mostly the slow ones).
+  last (once most of a fleet holds it, the few still pulling are mostly the slow ones), and
+  leaving out those that received nothing yet (deep in a chain that is starting, they wait;
+  they say nothing of what the seed can give).
 
 Progress comes in whole chunks, so a member is not judged before ``SLOW`` times its share
 would have brought one in. ``server.relays`` acts on the answers.
@@ -96,9 +98,8 @@ class Judge:
 
     def _seed(self, besides: Member) -> float | None:
         if besides.seq not in self._seed_pace:
-            rates = [
-                m.rate for m in self.members.values() if m is not besides and m.rate is not None
-            ]
+            # Truthy: neither unmeasured (None) nor waiting (0.0).
+            rates = [m.rate for m in self.members.values() if m is not besides and m.rate]
             median = statistics.median(rates) if rates else None  # type: ignore[type-var]
             self._seed_pace[besides.seq] = median
         return self._seed_pace[besides.seq]
