@@ -321,7 +321,6 @@ def test_a_straggler_is_judged_against_those_that_finished():
     assert relays.join("10.0.0.10:1", []).peers == (c,)
 
 
-
 def test_members_that_received_nothing_yet_say_nothing_of_the_seeds_pace():
     """seed -> a -> b -> c -> d is starting: a takes 25 MB/s, b, c and d wait (nothing yet,
     b within its request window of a). e, fed by the seed, takes 2.5 MB/s: slow against a,
@@ -332,6 +331,7 @@ def test_members_that_received_nothing_yet_say_nothing_of_the_seeds_pace():
     relays.join(e, [a, b, c, d])
     report(relays, clock, {a: 25e6, b: 0, c: 0, d: 0, e: 2.5e6}, 3)
     assert relays.slow() == [e]
+
 
 # --- over real links ----------------------------------------------------------------------
 
